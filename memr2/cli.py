@@ -1,0 +1,101 @@
+"""memr2 sub-commands. Each handler parses, calls one function of a lower layer, and prints.
+
+Expected failures (bad config, bad data, bad input rows) end as one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from common.config import ConfigError
+from common.data import DataError
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from common.scoring import score_file
+
+    score_file(args.input, args.out)
+    return 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from common.synth import write_world
+
+    world = write_world(
+        args.out,
+        conversations=args.conversations,
+        sessions=args.sessions,
+        seed=args.seed,
+        turns_per_session=args.turns_per_session,
+    )
+    print(f"wrote {len(world)} conversations, {sum(len(c['qa']) for c in world)} QA to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from common.data import load_conversations, stats
+
+    result = stats(load_conversations(args.file))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>15}: {value}")
+    return 0
+
+
+def _cmd_bench_memory(args: argparse.Namespace) -> int:
+    from memory_service.bench import run_memory_bench
+
+    result = run_memory_bench(tuple(args.sizes))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        cols = ["size", "fork_us", "deepcopy_us", "pickle_disk_us", "apply_us", "retrieve_us"]
+        print("".join(f"{c:>16}" for c in cols))
+        for row in result["results"]:
+            print("".join(f"{row[c]:>16.2f}" if c != "size" else f"{row[c]:>16d}" for c in cols))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memr2", description="Memory-R2 on Ray: LoGo-GRPO for memory agents")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    score = sub.add_parser("score", help="score predictions with LoCoMo's official F1 and BLEU-1")
+    score.add_argument("--in", dest="input", required=True, help="JSONL rows with question, answer, category, prediction")
+    score.add_argument("--out", required=True, help="JSONL rows with f1 and bleu1 added")
+    score.set_defaults(fn=_cmd_score)
+
+    data = sub.add_parser("data", help="synthetic worlds and dataset statistics").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="generate a seeded synthetic multi-session world in LoCoMo's schema")
+    synth.add_argument("--conversations", type=int, default=4)
+    synth.add_argument("--sessions", type=int, default=32)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--turns-per-session", type=int, default=10)
+    synth.add_argument("--out", required=True)
+    synth.set_defaults(fn=_cmd_data_synth)
+    stats = data.add_parser("stats", help="conversations, sessions, turns and QA by category of a data file")
+    stats.add_argument("file")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(fn=_cmd_data_stats)
+
+    bench = sub.add_parser("bench", help="benchmarks that print numbers").add_subparsers(dest="bench_command", required=True)
+    memory = bench.add_parser("memory", help="fork / deepcopy / pickle-to-disk / apply / retrieve costs by bank size")
+    memory.add_argument("--sizes", type=int, nargs="+", default=[100, 1_000, 10_000])
+    memory.add_argument("--json", action="store_true")
+    memory.set_defaults(fn=_cmd_bench_memory)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    try:
+        return fn(args)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as err:
+        print(f"memr2: error: {err}", file=sys.stderr)
+        return 2
