@@ -1,0 +1,54 @@
+import pytest
+
+from common.config import Config, ConfigError, load_config
+
+
+def test_defaults_are_the_reference_hyperparameters():
+    cfg = Config()
+    assert (cfg.algo.local_prob, cfg.algo.clip_eps, cfg.algo.dual_clip) == (0.5, 0.2, 3.0)
+    assert (cfg.algo.kl_beta, cfg.algo.entropy_eta, cfg.reward.alpha, cfg.reward.lam) == (0.001, 0.001, 0.7, 0.3)
+    assert [s.horizon for s in cfg.curriculum.stages] == [8, 16, 32]
+
+
+def test_yaml_then_dotted_overrides(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("algo:\n  local_prob: 0.25\nrollout:\n  n_global: 8\n")
+    cfg = load_config(path, ["algo.local_prob=0.75", "memory.retriever=minilm", "data.val_ids=[conv-44, conv-26]"])
+    assert cfg.algo.local_prob == 0.75  # the command line wins over the file
+    assert cfg.rollout.n_global == 8
+    assert cfg.memory.retriever == "minilm"
+    assert cfg.data.val_ids == ["conv-44", "conv-26"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("algo.local_probb=0.5", "unknown config key algo.local_probb"),
+        ("algo.local_prob=1.5", "config algo.local_prob: Input should be less than or equal to 1, got 1.5"),
+        ("memory.retriever=tfidf", "config memory.retriever: Input should be 'bm25' or 'minilm', got 'tfidf'"),
+        ("learner.micro_batch=5", "config learner: learner.micro_batch must divide learner.mini_batch"),
+        ("algo.local_prob", "not of the form key.path=value"),
+        ("seed.x=1", "config seed: Input should be a valid integer"),
+        ("rollout.n_global=1", "config rollout.n_global: Input should be greater than or equal to 2, got 1"),
+    ],
+)
+def test_bad_keys_and_values_fail_with_one_line_naming_the_field(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_file_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("algo: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(Exception):
+        cfg.algo.clip_eps = 0.3
