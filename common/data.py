@@ -94,6 +94,7 @@ def _gold_op(o: Any, where: str) -> GoldOperation:
         key=_field(o, "key", str, where),
         speaker=_field(o, "speaker", str, where),
         content=str(o.get("content", "")),
+        value=None if o.get("value") is None else str(o["value"]),
     )
 
 

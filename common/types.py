@@ -54,6 +54,7 @@ class GoldOperation:
     key: str  # the world's slot, e.g. "alice.city"; UPDATE/DELETE name the slot INSERT created
     speaker: str
     content: str
+    value: str | None = None  # the slot's new value (INSERT/UPDATE), for checking answers
 
 
 @dataclass(frozen=True, slots=True)
