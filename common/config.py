@@ -63,7 +63,7 @@ class MemoryConfig(Section):
 
 
 class RolloutConfig(Section):
-    engine: Literal["vllm", "transformers", "scripted"] = "vllm"
+    engine: Literal["vllm", "transformers"] = "vllm"
     num_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)

@@ -80,6 +80,15 @@ def session_of(dia_id: str) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Fact:
+    """One atomic fact the extractor emitted for a chunk of dialogue."""
+
+    speaker: str
+    dia_id: str
+    fact: str
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryItem:
     id: str
     speaker: str

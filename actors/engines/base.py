@@ -1,0 +1,46 @@
+"""The engine interface every rollout and answer-agent engine implements.
+
+An engine turns token-id prompts into sampled token ids with the behaviour policy's logprob of
+every generated token, and can take new weights in place, recording the policy version it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSpec:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class Generation:
+    token_ids: list[int]
+    # Logprob of each generated token under the model's raw distribution (temperature 1, no top-p),
+    # the same quantity the learner recomputes, so the PPO ratio compares like with like.
+    logprobs: list[float]
+    text: str
+    finish_reason: str  # "stop" | "length"
+
+
+class Engine(Protocol):
+    name: str  # "vllm" | "transformers"
+    policy_version: int
+
+    def chat_prompt(self, system: str, user: str) -> list[int]:
+        """Token ids of a chat with one system and one user message, ready for the reply."""
+        ...
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Generation]: ...
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Replace the weights in place with a Hugging Face-named state dict; record `version`."""
+        ...
