@@ -28,6 +28,7 @@ class SynthConfig(Section):
     seed: int = 0
     turns_per_session: int = Field(10, ge=2)
     facts_per_session: int = Field(3, ge=1)
+    val_conversations: int = Field(2, ge=0)  # the last ones validate; the rest train
 
 
 class DataConfig(Section):
@@ -145,6 +146,7 @@ class ClusterConfig(Section):
     num_cpus: int | None = None
     autoscale_min_actors: int = Field(1, ge=0)
     autoscale_max_actors: int = Field(8, ge=1)
+    log_to_driver: bool = False  # actors' stdout (vLLM's logs) in the driver's terminal
 
 
 class MetricsConfig(Section):

@@ -32,9 +32,24 @@ def load_conversations(path: str | Path) -> list[Conversation]:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON (line {err.lineno})") from None
+    return parse_conversations(raw, str(path))
+
+
+def parse_conversations(raw: Any, where: str) -> list[Conversation]:
     if not isinstance(raw, list):
-        raise DataError(f"{path}: top level must be a list of conversations")
-    return [_conversation(item, f"{path}[{i}]") for i, item in enumerate(raw)]
+        raise DataError(f"{where}: top level must be a list of conversations")
+    return [_conversation(item, f"{where}[{i}]") for i, item in enumerate(raw)]
+
+
+def load_dataset(cfg: DataConfig) -> list[Conversation]:
+    """The configured conversations: a synthetic world made in memory, LoCoMo, or any file."""
+    if cfg.source == "synthetic":
+        from common.synth import generate_world
+
+        s = cfg.synth
+        world = generate_world(s.conversations, s.sessions, s.seed, s.turns_per_session, s.facts_per_session)
+        return parse_conversations(world, "synthetic world")
+    return load_conversations(cfg.locomo_path if cfg.source == "locomo" else cfg.path)
 
 
 def _conversation(item: Any, where: str) -> Conversation:
@@ -120,7 +135,13 @@ def stats(conversations: list[Conversation]) -> dict[str, Any]:
 
 
 def split(conversations: list[Conversation], cfg: DataConfig) -> dict[str, list[Conversation]]:
-    """The reference split by sample id: train conv-43 + conv-47, validation conv-44, test the rest."""
+    """LoCoMo's reference split by sample id: train conv-43 + conv-47, validation conv-44, test the
+    rest. A synthetic world splits by position: the last `synth.val_conversations` validate."""
+    if cfg.source == "synthetic":
+        n_val = cfg.synth.val_conversations
+        if n_val >= len(conversations):
+            raise DataError("data.synth.val_conversations: must leave at least one training conversation")
+        return {"train": conversations[: len(conversations) - n_val], "val": conversations[len(conversations) - n_val :], "test": []}
     by_id = {c.sample_id: c for c in conversations}
     for name, ids in (("train_ids", cfg.train_ids), ("val_ids", cfg.val_ids), ("test_ids", cfg.test_ids or [])):
         missing = [i for i in ids if i not in by_id]

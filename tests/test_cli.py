@@ -37,3 +37,20 @@ def test_bench_memory_reports_every_field_per_size():
         assert set(row) == {"size", "fork_us", "deepcopy_us", "pickle_disk_us", "apply_us", "retrieve_us"}
         assert all(v > 0 for v in row.values())
         assert row["fork_us"] < row["deepcopy_us"]  # a fork shares, a deep copy walks every memory
+
+
+def test_score_command_adds_f1_and_bleu1_and_names_bad_rows(tmp_path, capsys):
+    src, out = tmp_path / "pred.jsonl", tmp_path / "scored.jsonl"
+    rows = [
+        {"question": "Where does Alice live?", "answer": "Denver", "category": 4, "prediction": "in Denver"},
+        {"question": "Which cities?", "answer": "Denver, Boston", "category": 1, "prediction": "Boston"},
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["score", "--in", str(src), "--out", str(out)]) == 0
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    # "in Denver" vs "Denver": precision 1/2, recall 1 -> F1 2/3. Multi-hop: best of {1, 0} per gold part -> 1/2.
+    assert [round(r["f1"], 12) for r in scored] == [round(2 / 3, 12), 0.5]
+    assert all("bleu1" in r and r["question"] == q["question"] for r, q in zip(scored, rows))
+    src.write_text(json.dumps({"question": "q", "answer": "a", "category": 4}) + "\n")
+    assert main(["score", "--in", str(src), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "line 1: missing field 'prediction'" in capsys.readouterr().err

@@ -34,12 +34,12 @@ def test_locomo_stats_and_quirks():
 
 @needs_locomo
 def test_reference_split():
-    parts = split(load_conversations(LOCOMO), DataConfig())
+    parts = split(load_conversations(LOCOMO), DataConfig(source="locomo"))
     assert [c.sample_id for c in parts["train"]] == ["conv-43", "conv-47"]
     assert [c.sample_id for c in parts["val"]] == ["conv-44"]
     assert len(parts["test"]) == 7 and {"conv-43", "conv-44", "conv-47"}.isdisjoint(c.sample_id for c in parts["test"])
     with pytest.raises(DataError, match="data.val_ids: no conversation 'conv-99'"):
-        split(load_conversations(LOCOMO), DataConfig(val_ids=["conv-99"]))
+        split(load_conversations(LOCOMO), DataConfig(source="locomo", val_ids=["conv-99"]))
 
 
 def _write(tmp_path, obj) -> Path:
