@@ -1,0 +1,272 @@
+"""The frozen answer agent (DESIGN §1): answers questions from a final memory bank.
+
+Retrieval is shared by every agent (`build_queries`: top-k memories per speaker for the question);
+answering is pluggable behind one batched protocol, `AnswerAgent.answer(queries) -> list[str]`:
+
+- `ReaderAgent`: a deterministic, model-free reader for CPU runs and tests;
+- `EngineAnswerAgent`: an LLM behind our `Engine` interface (e.g. a vLLM engine with its own model);
+- `OpenAIAnswerAgent`: any OpenAI-compatible HTTP endpoint (a vLLM server, a hosted API).
+
+The two LLM agents share one prompt (`answer_prompt`) and one reply parser (`first_line`), so
+swapping the serving path never changes what the model is asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from actors.engines.base import Engine, SamplingSpec
+from common.config import AnswerAgentConfig
+from common.text import STOPWORDS, index_terms
+from common.types import QA, MemoryItem
+from memory_service.bank import MemoryBank
+
+log = logging.getLogger(__name__)
+
+NO_INFO = "No information available"  # also what LoCoMo's category-5 scoring looks for
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerQuery:
+    question: str
+    memories: dict[str, list[MemoryItem]]  # speaker -> retrieved memories, best first
+
+
+class AnswerAgent(Protocol):
+    def answer(self, queries: Sequence[AnswerQuery]) -> list[str]:
+        """One answer per query, in order; never raises for one bad query."""
+        ...
+
+
+def build_queries(bank: MemoryBank, questions: Sequence[str | QA], speakers: Sequence[str], k: int) -> list[AnswerQuery]:
+    """Retrieve the top-k memories of each speaker for each question (k = memory.answer_top_k)."""
+    speakers = list(dict.fromkeys(speakers))  # a repeated speaker would duplicate its memories
+    out = []
+    for q in questions:
+        text = q.question if isinstance(q, QA) else q
+        out.append(AnswerQuery(text, {s: bank.retrieve(text, k, speaker=s) for s in speakers}))
+    return out
+
+
+# -- the built-in reader -------------------------------------------------------------------------
+
+_WORD_SPAN = re.compile(r"[^\W_]+(?:['’.-][^\W_]+)*")  # words, keeping "1.5", "ice-cream", "Alice's"
+_YES_NO = frozenset("is are was were do does did has have had can could will would should".split())
+
+
+def _terms(text: str) -> set[str]:
+    # index_terms splits "Alice's" into "alic" + "s"; one-letter leftovers would make every
+    # possessive question overlap every possessive memory, so only digits may be one character.
+    return {t for t in index_terms(text) if len(t) > 1 or t.isdigit()}
+
+
+class ReaderAgent:
+    """A deterministic extractive reader: no model, so its answers are only as good as the memory.
+
+    Per query:
+      1. The question's terms are its stemmed, stop-word-free terms (`common.text.index_terms`).
+         Terms of the speakers' names are split off: a name alone says who, not what, so a
+         memory that shares only the name with the question does not count as relevant.
+      2. Every retrieved memory (all speakers) is ranked by: how many of the question's name
+         terms it carries (in its text or as its speaker), so a question about Alice is answered
+         from Alice's memories; then how many distinct non-name question terms it contains; then
+         its retrieval rank (higher first); then its speaker's order in `memories`.
+      3. If the best memory shares no non-name term with the question, the subject has no
+         relevant memory: the answer is "No information available".
+      4. Otherwise the answer is that memory's content without the words the question already
+         says (all their terms occur in the question, names included) and without stop words,
+         in the original order and casing; adjacent surviving words keep the text between them,
+         so "Vera adopted Bandit on 1 April, 2022." answers "When did Vera adopt Bandit?" with
+         "1 April, 2022", and "Alice lives in Denver." answers "Where does Alice live now?" with
+         "Denver".
+      5. If nothing survives, the memory only restates the question: a yes/no question gets
+         "Yes", any other the whole memory content.
+
+    Why this serves as a reward: an UPDATEd memory yields the new value and a stale one the old;
+    a DELETEd fact yields "No information available" (half-credit F1 against a gold "No") where a
+    stale bank yields "Yes"; a missing fact yields no answer. Memory quality moves the F1.
+    """
+
+    def answer(self, queries: Sequence[AnswerQuery]) -> list[str]:
+        return [self.answer_one(q) for q in queries]
+
+    def answer_one(self, query: AnswerQuery) -> str:
+        q_terms = _terms(query.question)
+        name_terms = set().union(*(_terms(s) for s in query.memories)) if query.memories else set()
+        content_terms = q_terms - name_terms
+        best, best_key = None, None
+        for s_idx, items in enumerate(query.memories.values()):
+            for rank, item in enumerate(items):
+                m_terms = _terms(item.content) | _terms(item.speaker)
+                key = (len(q_terms & name_terms & m_terms), len(content_terms & m_terms), -rank, -s_idx)
+                if best_key is None or key > best_key:
+                    best, best_key = item, key
+        if best is None or best_key[1] == 0:
+            return NO_INFO
+        return self._extract(best.content, query.question, q_terms)
+
+    @staticmethod
+    def _extract(content: str, question: str, q_terms: set[str]) -> str:
+        runs: list[list[re.Match]] = []  # maximal runs of adjacent surviving words
+        prev_kept = False
+        for m in _WORD_SPAN.finditer(content):
+            terms = _terms(m.group())
+            kept = m.group().lower() not in STOPWORDS and bool(terms) and not terms <= q_terms
+            if kept and prev_kept:
+                runs[-1].append(m)
+            elif kept:
+                runs.append([m])
+            prev_kept = kept
+        if runs:
+            # A run keeps its inner punctuation ("1 April, 2022"), not what lies outside it.
+            return " ".join(content[r[0].start() : r[-1].end()] for r in runs)
+        first = question.strip().split(maxsplit=1)
+        return "Yes" if first and first[0].lower() in _YES_NO else content
+
+
+# -- the prompt shared by the LLM agents ---------------------------------------------------------
+
+SYSTEM_PROMPT = (
+    "You answer questions about two people from memories of their conversations. "
+    "Use only the memories given. Reply with the answer alone, as briefly as possible "
+    "(a few words, a name, a date), on one line. Resolve relative dates with the memory's "
+    "session time. If the memories do not contain the answer, reply exactly: " + NO_INFO
+)
+
+
+def answer_prompt(query: AnswerQuery) -> tuple[str, str]:
+    """(system, user) messages: memories grouped by speaker, each with its session time."""
+    blocks = []
+    for speaker, items in query.memories.items():
+        lines = [f"- [{m.session_time}] {m.content}" if m.session_time else f"- {m.content}" for m in items]
+        blocks.append(f"Memories of {speaker}:\n" + ("\n".join(lines) if lines else "(none)"))
+    user = "\n\n".join(blocks) + f"\n\nQuestion: {query.question}\nAnswer:"
+    return SYSTEM_PROMPT, user
+
+
+_ANSWER_PREFIX = re.compile(r"^\s*answer\s*:\s*", re.IGNORECASE)
+
+
+def first_line(text: str | None) -> str:
+    """The reply's first non-empty line, stripped, without an echoed "Answer:" label."""
+    for line in (text or "").splitlines():
+        line = _ANSWER_PREFIX.sub("", line).strip()
+        if line:
+            return line
+    return ""
+
+
+class EngineAnswerAgent:
+    """An LLM behind our Engine interface; one batched generate call per `answer` (greedy default)."""
+
+    def __init__(self, engine: Engine, temperature: float = 0.0, max_new_tokens: int = 64):
+        self.engine = engine
+        self.spec = SamplingSpec(temperature=temperature, max_new_tokens=max_new_tokens)
+
+    def answer(self, queries: Sequence[AnswerQuery]) -> list[str]:
+        if not queries:
+            return []
+        prompts = [self.engine.chat_prompt(*answer_prompt(q)) for q in queries]
+        return [first_line(g.text) for g in self.engine.generate(prompts, self.spec)]
+
+
+class OpenAIAnswerAgent:
+    """Any OpenAI-compatible chat endpoint (base URL like "http://host:8000/v1").
+
+    A batch's requests run concurrently on a small thread pool. Transient errors (connection,
+    timeout, 408/409/429, 5xx) are retried with exponential backoff; a request that still fails,
+    or fails for good (e.g. 400), answers "" and adds 1 to `failures`: one unreachable question
+    must not crash an episode. The API key is read from the env var `api_key_env`; "EMPTY" if
+    unset, which vLLM servers accept.
+    """
+
+    def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.0,
+                 max_new_tokens: int = 64, timeout: float = 60.0, concurrency: int = 8, retries: int = 3,
+                 backoff: float = 0.5):
+        self.url, self.model, self.api_key_env = url, model, api_key_env
+        self.temperature, self.max_new_tokens, self.timeout = temperature, max_new_tokens, timeout
+        self.concurrency, self.retries, self.backoff = max(1, concurrency), max(0, retries), backoff
+        self.failures = 0
+        self._client = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # The HTTP client holds sockets and locks; an agent shipped to a Ray actor builds its own.
+        state = self.__dict__.copy()
+        state["_client"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _get_client(self):
+        with self._lock:
+            if self._client is None:
+                import openai  # only this agent needs the package
+
+                self._client = openai.OpenAI(
+                    base_url=self.url, api_key=os.environ.get(self.api_key_env) or "EMPTY",
+                    timeout=self.timeout, max_retries=0,  # retries are ours: counted and bounded
+                )
+            return self._client
+
+    def answer(self, queries: Sequence[AnswerQuery]) -> list[str]:
+        if not queries:
+            return []
+        client = self._get_client()
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(queries))) as pool:
+            results = list(pool.map(lambda q: self._ask(client, q), queries))
+        failed = sum(r is None for r in results)
+        if failed:
+            with self._lock:
+                self.failures += failed
+        return [r or "" for r in results]
+
+    def _ask(self, client, query: AnswerQuery) -> str | None:
+        system, user = answer_prompt(query)
+        for attempt in range(self.retries + 1):
+            try:
+                resp = client.chat.completions.create(
+                    model=self.model, temperature=self.temperature, max_tokens=self.max_new_tokens,
+                    messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+                )
+                return first_line(resp.choices[0].message.content if resp.choices else "")
+            except Exception as err:  # noqa: BLE001 - any error must become a counted failure
+                if attempt == self.retries or not _transient(err):
+                    log.warning("answer request failed after %d attempt(s): %r", attempt + 1, err)
+                    return None
+                time.sleep(self.backoff * 2**attempt)
+        return None
+
+
+def _transient(err: Exception) -> bool:
+    import openai
+
+    if isinstance(err, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(err, openai.APIStatusError):
+        return err.status_code in (408, 409, 429) or err.status_code >= 500
+    return False
+
+
+def make_answer_agent(cfg: AnswerAgentConfig, engine: Engine | None = None) -> AnswerAgent:
+    """The agent `reward.answer_agent` names. kind "vllm" takes an engine the caller built from
+    cfg.model (engine construction belongs to actors/engines, with its resources)."""
+    if cfg.kind == "reader":
+        return ReaderAgent()
+    if cfg.kind == "vllm":
+        if engine is None:
+            raise ValueError("reward.answer_agent kind 'vllm' needs an engine built from reward.answer_agent.model")
+        return EngineAnswerAgent(engine, cfg.temperature, cfg.max_new_tokens)
+    if cfg.kind == "openai":
+        return OpenAIAnswerAgent(cfg.url or "", cfg.model or "", cfg.api_key_env, cfg.temperature, cfg.max_new_tokens)
+    raise ValueError(f"unknown answer agent kind {cfg.kind!r}")

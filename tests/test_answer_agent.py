@@ -1,0 +1,243 @@
+"""The answer agents: the built-in reader on hand-made banks, the OpenAI-compatible agent against a
+real loopback HTTP server, the engine agent with a minimal in-test engine, and the factory."""
+
+import json
+import pickle
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from actors.answer_agent import (
+    NO_INFO,
+    AnswerQuery,
+    EngineAnswerAgent,
+    OpenAIAnswerAgent,
+    ReaderAgent,
+    build_queries,
+    make_answer_agent,
+)
+from actors.engines.base import Generation
+from common.config import AnswerAgentConfig
+from common.types import QA, MemoryItem, Operation
+from memory_service.bank import MemoryBank
+
+SPEAKERS = ("Alice", "Vera")
+
+
+def bank_of(*facts: tuple[str, str], time: str = "1:00 pm on 8 May, 2023") -> MemoryBank:
+    bank = MemoryBank.empty()
+    for i, (speaker, content) in enumerate(facts):
+        bank = bank.apply(Operation("INSERT", speaker=speaker, content=content, dia_id=f"D1:{i + 1}"), time)
+    return bank
+
+
+def read(bank: MemoryBank, question: str) -> str:
+    return ReaderAgent().answer(build_queries(bank, [question], SPEAKERS, k=30))[0]
+
+
+BASE = bank_of(
+    ("Alice", "Alice lives in Boston."),
+    ("Alice", "Alice works as a nurse."),
+    ("Vera", "Vera adopted Bandit on 1 April, 2022."),
+    ("Vera", "Vera lives in Lisbon."),
+)
+
+
+# -- retrieval -----------------------------------------------------------------------------------
+def test_build_queries_retrieves_per_speaker_in_rank_order_and_accepts_qa():
+    qa = QA("Where does Vera live?", "Lisbon", 4, ("D1:4",))
+    (q,) = build_queries(BASE, [qa], SPEAKERS + ("Vera",), k=1)  # the repeated speaker is ignored
+    assert q.question == "Where does Vera live?"
+    assert list(q.memories) == ["Alice", "Vera"]
+    assert [m.content for m in q.memories["Vera"]] == ["Vera lives in Lisbon."]
+    assert all(m.speaker == "Alice" for m in q.memories["Alice"]) and len(q.memories["Alice"]) == 1
+
+
+# -- the reader ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "question, answer",
+    [
+        ("Where does Alice live now?", "Boston"),
+        ("Where does Vera live?", "Lisbon"),  # the subject's memory, though Alice's also says "live"
+        ("When did Vera adopt Bandit?", "1 April, 2022"),  # inner punctuation kept, period dropped
+        ("Does Alice still work as a nurse?", "Yes"),  # the memory only restates the question
+        ("What car does Alice drive?", NO_INFO),  # only the name overlaps: nothing about cars
+        ("What is the capital of Peru?", NO_INFO),
+    ],
+)
+def test_reader_answers_exactly(question, answer):
+    assert read(BASE, question) == answer
+
+
+def test_reader_follows_updates_and_deletes_so_the_reward_tracks_memory_quality():
+    moved = BASE.apply(Operation("UPDATE", memory_id="0", content="Alice lives in Denver since May."), "2 pm on 1 June, 2023")
+    assert read(moved, "Where does Alice live now?") == "Denver since May"
+    assert read(BASE, "Where does Alice live now?") == "Boston"  # the stale bank keeps the old value
+    quit_job = BASE.apply(Operation("DELETE", memory_id="1"))
+    assert read(quit_job, "Does Alice still work as a nurse?") == NO_INFO
+    assert read(MemoryBank.empty(), "Where does Alice live now?") == NO_INFO
+
+
+def test_reader_ties_go_to_the_higher_ranked_memory_and_it_is_deterministic():
+    def item(i, content):
+        return MemoryItem(str(i), "Alice", content, "", ())
+
+    q = AnswerQuery("Which city did Alice visit?", {"Alice": [item(0, "Alice visited Rome."), item(1, "Alice visited Oslo.")], "Vera": []})
+    assert ReaderAgent().answer([q, q]) == ["Rome", "Rome"]
+    swapped = AnswerQuery(q.question, {"Alice": list(reversed(q.memories["Alice"])), "Vera": []})
+    assert ReaderAgent().answer([swapped]) == ["Oslo"]
+    # More shared terms beat rank: "favourite food" outranks the first memory's lone "Alice".
+    food = AnswerQuery("What is Alice's favourite food?", {"Alice": [item(0, "Alice visited Rome."), item(1, "Alice's favourite food is sushi.")]})
+    assert ReaderAgent().answer([food]) == ["sushi"]
+
+
+# -- the OpenAI-compatible agent -----------------------------------------------------------------
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_POST(self):
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        question = body["messages"][-1]["content"].split("Question:")[-1].split("\n")[0].strip()
+        with srv.lock:
+            srv.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+            srv.attempts[question] = srv.attempts.get(question, 0) + 1
+            first = srv.attempts[question] == 1
+        if self.path != "/v1/chat/completions":
+            return self._send(404, {"error": {"message": "no such route"}})
+        if srv.mode == "down" or (srv.mode == "flaky" and first):
+            return self._send(500, {"error": {"message": "overloaded"}})
+        if srv.mode == "bad":
+            return self._send(400, {"error": {"message": "bad request"}})
+        # The reply depends on the request: the question's last word, then a line to be ignored.
+        reply = question.rstrip("?").split()[-1] + "\nbecause the memories say so"
+        self._send(200, {
+            "id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        })
+
+    def _send(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy in the environment must not see loopback
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.mode, srv.requests, srv.attempts, srv.lock = "ok", [], {}, threading.Lock()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _agent(srv, **kw):
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    return OpenAIAnswerAgent(url, "judge-model", api_key_env="ANSWER_TEST_KEY", temperature=0.0, max_new_tokens=32,
+                             timeout=5, backoff=0.01, **kw)
+
+
+def _queries(*questions):
+    return build_queries(BASE, questions, SPEAKERS, k=30)
+
+
+def test_openai_agent_sends_model_temperature_memories_and_returns_first_lines(server, monkeypatch):
+    monkeypatch.setenv("ANSWER_TEST_KEY", "sk-loopback")
+    agent = _agent(server)
+    got = agent.answer(_queries("Where does Alice live?", "Who adopted Bandit?", "When did Vera adopt Bandit?"))
+    assert got == ["live", "Bandit", "Bandit"] and agent.failures == 0
+    assert len(server.requests) == 3
+    # Requests run concurrently, so find the one for the Bandit date question by its content.
+    (path, headers, body), = [r for r in server.requests if "Question: When did Vera" in r[2]["messages"][-1]["content"]]
+    assert path == "/v1/chat/completions" and headers["authorization"] == "Bearer sk-loopback"
+    assert body["model"] == "judge-model" and body["temperature"] == 0.0 and body["max_tokens"] == 32
+    system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+    assert NO_INFO in system
+    assert "Memories of Alice:" in user and "Memories of Vera:" in user
+    assert "[1:00 pm on 8 May, 2023] Vera adopted Bandit on 1 April, 2022." in user
+    # Shipped to a Ray actor (pickled) after use, the agent rebuilds its HTTP client and still works.
+    clone = pickle.loads(pickle.dumps(agent))
+    assert clone.answer(_queries("Who adopted Bandit?")) == ["Bandit"] and len(server.requests) == 4
+
+
+def test_openai_agent_retries_transient_errors(server, monkeypatch):
+    monkeypatch.delenv("ANSWER_TEST_KEY", raising=False)
+    server.mode = "flaky"
+    agent = _agent(server)
+    assert agent.answer(_queries("Where does Alice live?", "Who adopted Bandit?")) == ["live", "Bandit"]
+    assert agent.failures == 0 and sorted(server.attempts.values()) == [2, 2]
+    assert server.requests[0][1]["authorization"] == "Bearer EMPTY"  # vLLM servers accept any key
+
+
+def test_openai_agent_counts_a_request_that_keeps_failing_and_never_raises(server):
+    server.mode = "down"
+    agent = _agent(server, retries=2)
+    assert agent.answer(_queries("Where does Alice live?")) == [""]
+    assert agent.failures == 1 and list(server.attempts.values()) == [3]
+    server.mode = "bad"  # a 400 is not transient: one attempt, counted
+    assert agent.answer(_queries("Who adopted Bandit?")) == [""]
+    assert agent.failures == 2 and server.attempts["Who adopted Bandit?"] == 1
+
+
+def test_openai_agent_unreachable_endpoint_is_a_failure_not_a_crash(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with ThreadingHTTPServer(("127.0.0.1", 0), _Handler) as srv:
+        port = srv.server_address[1]  # bound then closed: nothing listens there any more
+    agent = OpenAIAnswerAgent(f"http://127.0.0.1:{port}/v1", "m", timeout=2, retries=1, backoff=0.01)
+    assert agent.answer(_queries("Where does Alice live?")) == [""] and agent.failures == 1
+
+
+# -- the engine agent ----------------------------------------------------------------------------
+class TinyEngine:
+    """Implements the Engine protocol just enough: prompts are kept, replies are canned."""
+
+    name, policy_version = "tiny", 0
+
+    def __init__(self):
+        self.chats, self.specs = [], []
+
+    def chat_prompt(self, system, user):
+        self.chats.append((system, user))
+        return [len(self.chats) - 1]
+
+    def generate(self, prompts, spec):
+        self.specs.append(spec)
+        return [Generation([1], [-0.1], f"  Answer: reply {p[0]}  \nsecond line", "stop") for p in prompts]
+
+    def load_weights(self, weights, version):
+        raise AssertionError("the answer agent is frozen")
+
+
+def test_engine_agent_prompts_with_memories_and_question_and_returns_the_first_line():
+    engine = TinyEngine()
+    agent = EngineAnswerAgent(engine)
+    got = agent.answer(_queries("Where does Alice live?", "When did Vera adopt Bandit?"))
+    assert got == ["reply 0", "reply 1"]
+    assert len(engine.specs) == 1 and engine.specs[0].temperature == 0 and engine.specs[0].max_new_tokens == 64
+    assert "- [1:00 pm on 8 May, 2023] Alice lives in Boston." in engine.chats[0][1]
+    system, user = engine.chats[1]
+    assert NO_INFO in system
+    assert "- [1:00 pm on 8 May, 2023] Vera adopted Bandit on 1 April, 2022." in user
+    assert "Memories of Alice:\n(none)" in user  # BM25 finds nothing of Alice's for this question
+    assert user.rstrip().endswith("Question: When did Vera adopt Bandit?\nAnswer:")
+    assert agent.answer([]) == [] and len(engine.specs) == 1  # no empty batch reaches the engine
+
+
+# -- the factory ---------------------------------------------------------------------------------
+def test_make_answer_agent_builds_what_the_config_names():
+    assert isinstance(make_answer_agent(AnswerAgentConfig()), ReaderAgent)
+    with pytest.raises(ValueError, match="needs an engine"):
+        make_answer_agent(AnswerAgentConfig(kind="vllm", model="ckpt"))
+    eng = make_answer_agent(AnswerAgentConfig(kind="vllm", model="ckpt", temperature=0.5, max_new_tokens=16), TinyEngine())
+    assert isinstance(eng, EngineAnswerAgent) and eng.spec.temperature == 0.5 and eng.spec.max_new_tokens == 16
+    oa = make_answer_agent(AnswerAgentConfig(kind="openai", url="http://127.0.0.1:1/v1", model="m", api_key_env="K"))
+    assert isinstance(oa, OpenAIAnswerAgent) and (oa.url, oa.model, oa.api_key_env) == ("http://127.0.0.1:1/v1", "m", "K")
