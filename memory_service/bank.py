@@ -41,7 +41,8 @@ class MemoryBank:
         return len(self.items)
 
     def __iter__(self) -> Iterator[MemoryItem]:
-        return iter(self.items.values())
+        """Memories in the order they were first inserted (a hash map alone has no order)."""
+        return iter(sorted(self.items.values(), key=lambda m: int(m.id)))
 
     def __contains__(self, memory_id: object) -> bool:
         return memory_id in self.items

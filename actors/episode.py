@@ -1,0 +1,122 @@
+"""Multi-session episodes: per chunk, extractor -> retrieve related memories -> manager -> apply.
+
+Rollouts of one group run in lockstep as *lanes*: every lane sees the same chunk at the same time,
+so each extractor and manager call is one batched generate across lanes, which is what keeps a
+vLLM engine busy. A lane owns its memory bank (an immutable snapshot, so lanes never interfere)
+and records every generation as a step for the learner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from actors.engines.base import Engine, SamplingSpec
+from actors.parsing import parse_facts, parse_operations
+from actors.prompts import extractor_messages, manager_messages, visible_memory_ids
+from common.config import Config
+from common.types import Conversation, Fact, MemoryItem, Role, Session, Turn
+from memory_service.bank import MemoryBank
+
+
+@dataclass(slots=True)
+class StepRecord:
+    role: Role
+    session: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+
+
+@dataclass(slots=True)
+class Lane:
+    """One rollout (or one local branch): its memory and what its generations did."""
+
+    bank: MemoryBank
+    steps: list[StepRecord] = field(default_factory=list)
+    format_failures: int = 0  # responses with no parsable JSON at all
+    rejected_items: int = 0  # facts/operations dropped by validation (bad ids, fields, lengths)
+    failed_ops: int = 0  # valid-looking operations the bank refused
+    prompt_overflows: int = 0  # manager prompts shrunk to fit the context
+
+    def generated_tokens(self) -> int:
+        return sum(len(s.response_ids) for s in self.steps)
+
+
+def split_chunks(turns: Sequence[Turn], k: int) -> list[tuple[Turn, ...]]:
+    """K contiguous chunks of near-equal size (fewer when a session has fewer than K turns)."""
+    k = max(1, min(k, len(turns)))
+    size, extra = divmod(len(turns), k)
+    chunks, start = [], 0
+    for i in range(k):
+        end = start + size + (i < extra)
+        chunks.append(tuple(turns[start:end]))
+        start = end
+    return [c for c in chunks if c]
+
+
+def request_seed(*parts: object) -> int:
+    """A stable per-request sampling seed, so a resumed run samples exactly what it would have."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class EpisodeRunner:
+    def __init__(self, engine: Engine, cfg: Config) -> None:
+        self.engine = engine
+        self.cfg = cfg
+
+    def run_session(self, lanes: Sequence[Lane], conv: Conversation, session: Session, spec: SamplingSpec, seed_key: tuple) -> None:
+        """Advance every lane through one session. `seed_key` + lane index seed each request."""
+        speakers = {conv.speaker_a, conv.speaker_b}
+        for c, chunk in enumerate(split_chunks(session.turns, self.cfg.rollout.chunks_per_session)):
+            chunk_ids = {t.dia_id for t in chunk}
+            facts = self._extract(lanes, session, chunk, chunk_ids, speakers, spec, (*seed_key, c))
+            self._manage(lanes, facts, session, chunk_ids, speakers, spec, (*seed_key, c))
+
+    def _extract(self, lanes, session, chunk, chunk_ids, speakers, spec, key) -> list[list[Fact]]:
+        system, user = extractor_messages(self.cfg.model.prompt_size, session.date_time, chunk)
+        prompt = self.engine.chat_prompt(system, user)
+        seeds = [request_seed(*key, "extractor", i) for i in range(len(lanes))]
+        gens = self.engine.generate([prompt] * len(lanes), spec, seeds=seeds)
+        out = []
+        for lane, gen in zip(lanes, gens, strict=True):
+            lane.steps.append(StepRecord("extractor", session.index, prompt, gen.token_ids, gen.logprobs))
+            parsed = parse_facts(gen.text, chunk_ids, speakers)
+            lane.format_failures += parsed.format_failure
+            lane.rejected_items += len(parsed.rejected)
+            out.append(parsed.items)
+        return out
+
+    def _manage(self, lanes, facts, session, chunk_ids, speakers, spec, key) -> None:
+        busy = [(i, lane, fs) for i, (lane, fs) in enumerate(zip(lanes, facts, strict=True)) if fs]
+        if not busy:
+            return
+        prompts, shown = [], []
+        for _, lane, fs in busy:
+            prompt, related = self._manager_prompt(lane, fs)
+            prompts.append(prompt)
+            shown.append(related)
+        seeds = [request_seed(*key, "manager", i) for i, _, _ in busy]
+        gens = self.engine.generate(prompts, spec, seeds=seeds)
+        for (_, lane, _), prompt, related, gen in zip(busy, prompts, shown, gens, strict=True):
+            lane.steps.append(StepRecord("manager", session.index, prompt, gen.token_ids, gen.logprobs))
+            parsed = parse_operations(gen.text, visible_memory_ids(related), speakers, chunk_ids)
+            lane.format_failures += parsed.format_failure
+            lane.rejected_items += len(parsed.rejected)
+            lane.bank, errors = lane.bank.apply_all(parsed.items, session.date_time)
+            lane.failed_ops += len(errors)
+
+    def _manager_prompt(self, lane: Lane, facts: list[Fact]) -> tuple[list[int], list[list[MemoryItem]]]:
+        """Retrieve top-k related memories per fact; halve k until the prompt fits the context."""
+        budget = self.cfg.model.max_prompt_tokens - self.cfg.rollout.max_new_tokens
+        k = self.cfg.memory.related_top_k
+        while True:
+            related = [lane.bank.retrieve(f.fact, k) for f in facts]
+            system, user = manager_messages(self.cfg.model.prompt_size, facts, related)
+            prompt = self.engine.chat_prompt(system, user)
+            if len(prompt) <= budget or k == 0:
+                return prompt, related
+            lane.prompt_overflows += 1
+            k //= 2

@@ -1,0 +1,152 @@
+"""Global and local groups of one conversation, as the learner receives them.
+
+Global group (conv, t): the n full rollouts' steps of session t, each rewarded by r_G(i, t).
+Local group (conv, t, anchor): m branches re-running only session t from the anchor rollout's
+snapshot M_{t-1}, each rewarded on the branched M_t. Every group leaves as one Arrow table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from actors.answer_agent import AnswerAgent, build_queries
+from actors.engines.base import SamplingSpec
+from actors.episode import EpisodeRunner, Lane
+from actors.rewards import (
+    MemoryScore,
+    dialogue_tokens,
+    memory_score,
+    questions_of_session,
+    questions_up_to,
+    scored_questions,
+)
+from common.config import Config
+from common.types import QA, Conversation, GroupKind, StepSample, samples_to_table
+from memory_service.bank import MemoryBank
+from memory_service.snapshots import SnapshotStore
+
+
+@dataclass(slots=True)
+class Group:
+    kind: GroupKind
+    group_id: str
+    conversation: str
+    session: int
+    rewards: list[float]  # one per rollout / branch, in index order
+    table: pa.Table
+    policy_version: int
+    scores: list[MemoryScore] = field(default_factory=list)
+
+    def degenerate(self) -> bool:
+        """All rewards equal: every advantage would be 0, so the group carries no signal."""
+        return max(self.rewards) - min(self.rewards) < 1e-12
+
+
+@dataclass(slots=True)
+class LaneStats:
+    lanes: int = 0
+    steps: int = 0
+    generated_tokens: int = 0
+    format_failures: int = 0
+    rejected_items: int = 0
+    failed_ops: int = 0
+    prompt_overflows: int = 0
+    generate_s: float = 0.0
+    score_s: float = 0.0
+
+    def add(self, lanes: Sequence[Lane]) -> None:
+        self.lanes += len(lanes)
+        for lane in lanes:
+            self.steps += len(lane.steps)
+            self.generated_tokens += lane.generated_tokens()
+            self.format_failures += lane.format_failures
+            self.rejected_items += lane.rejected_items
+            self.failed_ops += lane.failed_ops
+            self.prompt_overflows += lane.prompt_overflows
+
+
+@dataclass(slots=True)
+class GlobalResult:
+    groups: list[Group]  # one per session t
+    snapshots: list[list[str]]  # snapshots[i][t-1]: rollout i's memory before session t
+    stats: LaneStats
+    final_scores: list[MemoryScore]  # rollout i's terminal memory on every scored question
+
+
+class GroupCollector:
+    """Runs groups with one engine, one answer agent and one snapshot store (one per actor)."""
+
+    def __init__(self, runner: EpisodeRunner, answer_agent: AnswerAgent, store: SnapshotStore, cfg: Config) -> None:
+        self.runner, self.answer_agent, self.store, self.cfg = runner, answer_agent, store, cfg
+
+    def spec(self) -> SamplingSpec:
+        r = self.cfg.rollout
+        return SamplingSpec(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+
+    def run_global(self, conv: Conversation, horizon: int, n: int, step: int) -> GlobalResult:
+        """n full rollouts over sessions 1..T, keeping every lane's snapshot before each session."""
+        horizon = min(horizon, len(conv.sessions))
+        lanes = [Lane(MemoryBank.empty(self.cfg.memory.retriever)) for _ in range(n)]
+        snapshots: list[list[str]] = [[] for _ in range(n)]
+        stats, start = LaneStats(), time.perf_counter()
+        for session in conv.sessions[:horizon]:
+            for i, lane in enumerate(lanes):
+                snapshots[i].append(self.store.put(lane.bank))
+            self.runner.run_session(lanes, conv, session, self.spec(), (step, conv.sample_id, "global", session.index))
+        stats.generate_s = time.perf_counter() - start
+        stats.add(lanes)
+
+        start = time.perf_counter()
+        questions = questions_up_to(scored_questions(conv, self.cfg.data.exclude_adversarial), horizon)
+        seen = dialogue_tokens(conv, horizon)
+        predictions = [self._answer(conv, lane.bank, questions) for lane in lanes]
+        final = [memory_score(lane.bank, questions, p, seen, self.cfg.reward) for lane, p in zip(lanes, predictions)]
+        groups = []
+        for session in conv.sessions[:horizon]:
+            t = session.index
+            q_t = questions_of_session(questions, t)
+            if not q_t:
+                continue  # nothing became answerable in session t: no F1 signal for its steps
+            picked = [i for i, q in enumerate(questions) if q in q_t]
+            scores = [memory_score(lane.bank, q_t, [p[j] for j in picked], seen, self.cfg.reward) for lane, p in zip(lanes, predictions)]
+            groups.append(self._group("global", f"{conv.sample_id}/s{t}", conv, t, lanes, scores))
+        stats.score_s = time.perf_counter() - start
+        return GlobalResult(groups, snapshots, stats, final)
+
+    def run_local(self, conv: Conversation, t: int, snapshot_id: str, anchor: int, m: int, step: int) -> tuple[Group, LaneStats]:
+        """m branches of session t from the anchor's snapshot M_{t-1}, scored on the branched M_t."""
+        base = self.store.get(snapshot_id)
+        lanes = [Lane(base.fork()) for _ in range(m)]
+        session = next(s for s in conv.sessions if s.index == t)
+        stats, start = LaneStats(), time.perf_counter()
+        self.runner.run_session(lanes, conv, session, self.spec(), (step, conv.sample_id, "local", t, anchor))
+        stats.generate_s = time.perf_counter() - start
+        stats.add(lanes)
+
+        start = time.perf_counter()
+        position = conv.sessions.index(session) + 1
+        questions = questions_up_to(scored_questions(conv, self.cfg.data.exclude_adversarial), t)
+        seen = dialogue_tokens(conv, position)
+        scores = [memory_score(lane.bank, questions, self._answer(conv, lane.bank, questions), seen, self.cfg.reward) for lane in lanes]
+        stats.score_s = time.perf_counter() - start
+        return self._group("local", f"{conv.sample_id}/s{t}/anchor{anchor}", conv, t, lanes, scores), stats
+
+    def _answer(self, conv: Conversation, bank: MemoryBank, questions: Sequence[QA]) -> list[str]:
+        if not questions:
+            return []
+        queries = build_queries(bank, [q.question for q in questions], [conv.speaker_a, conv.speaker_b], self.cfg.memory.answer_top_k)
+        return self.answer_agent.answer(queries)
+
+    def _group(self, kind: GroupKind, group_id: str, conv: Conversation, t: int, lanes: Sequence[Lane], scores: list[MemoryScore]) -> Group:
+        version = self.runner.engine.policy_version
+        samples = [
+            StepSample(s.role, s.prompt_ids, s.response_ids, s.logprobs, conv.sample_id, t, group_id, kind, i, score.reward, 0.0, version)
+            for i, (lane, score) in enumerate(zip(lanes, scores, strict=True))
+            for s in lane.steps
+            if s.session == t
+        ]
+        return Group(kind, group_id, conv.sample_id, t, [s.reward for s in scores], samples_to_table(samples), version, scores)

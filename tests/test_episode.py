@@ -1,0 +1,119 @@
+"""Exact tests of episodes and groups with a scripted engine: known outputs -> known memory states,
+rewards and group keys."""
+
+import re
+
+import pytest
+
+from actors.answer_agent import ReaderAgent
+from actors.episode import EpisodeRunner, Lane, split_chunks
+from actors.groups import GroupCollector
+from actors.prompts import render_facts, render_operations
+from actors.rewards import compression, dialogue_tokens
+from common.config import load_config
+from common.types import QA, Conversation, Fact, Operation, Session, Turn, table_to_samples
+from memory_service.bank import MemoryBank
+from memory_service.snapshots import SnapshotStore
+from tests.fakes import ScriptedEngine
+
+DIA = re.compile(r"^(D\d+:\d+) (\w+): (.*)$", re.M)
+FACT_LINE = re.compile(r"^(D\d+:\d+) (\w+) \[[^\]]*\]: (.*)$", re.M)
+
+
+def conversation() -> Conversation:
+    s1 = Session(1, "1:00 pm on 1 May, 2023", (
+        Turn("Alice", "D1:1", "Hi Bob!"),
+        Turn("Alice", "D1:2", "I live in Boston."),
+        Turn("Bob", "D1:3", "I have a dog named Rex."),
+        Turn("Bob", "D1:4", "Nice weather."),
+    ))
+    s2 = Session(2, "1:00 pm on 9 June, 2023", (
+        Turn("Alice", "D2:1", "I moved to Denver."),
+        Turn("Bob", "D2:2", "Cool."),
+    ))
+    qa = (
+        QA("Where does Alice live?", "Denver", 4, ("D1:2", "D2:1"), "knowledge-update"),
+        QA("What is the name of Bob's dog?", "Rex", 4, ("D1:3",), "single-hop"),
+        QA("What car does Bob drive?", "", 5, ("D1:4",), "adversarial", "Volvo"),
+    )
+    return Conversation("c1", "Alice", "Bob", (s1, s2), qa)
+
+
+def respond(system: str, user: str, lane: int) -> str:
+    """Lane 0: every informative turn becomes a fact, inserted as a memory. Lane 1: the same facts,
+    but the manager keeps nothing (NOOP). Lane 2: the manager answers with prose only."""
+    if "Extract facts" in system:
+        facts = [Fact(spk, dia, f"{spk}: {text}") for dia, spk, text in DIA.findall(user) if text not in ("Hi Bob!", "Nice weather.", "Cool.")]
+        return render_facts(facts)
+    if lane == 0:
+        return render_operations([Operation("INSERT", speaker=spk, content=text, dia_id=dia) for dia, spk, text in FACT_LINE.findall(user)])
+    return render_operations([Operation("NOOP")]) if lane == 1 else "Sure! I would store those."
+
+
+@pytest.fixture
+def cfg():
+    return load_config(None, ["rollout.chunks_per_session=2", "rollout.n_global=3", "rollout.m_local=2", "model.prompt_size=compact"])
+
+
+def test_split_chunks_is_contiguous_and_balanced():
+    turns = tuple(Turn("A", f"D1:{i}", "x") for i in range(1, 8))
+    assert [len(c) for c in split_chunks(turns, 3)] == [3, 2, 2]
+    assert [len(c) for c in split_chunks(turns[:2], 6)] == [1, 1]
+    assert sum(split_chunks(turns, 3), ()) == turns
+
+
+def test_one_session_in_lockstep_gives_known_memories_and_counts(cfg):
+    engine = ScriptedEngine(respond)
+    lanes = [Lane(MemoryBank.empty()) for _ in range(3)]
+    EpisodeRunner(engine, cfg).run_session(lanes, conversation(), conversation().sessions[0], None, ("k",))
+    # 2 chunks x (extractor for 3 lanes + manager for 3 lanes): every call is one batch of 3.
+    assert engine.calls == [3, 3, 3, 3]
+    assert [(m.speaker, m.content, m.dia_ids) for m in lanes[0].bank] == [
+        ("Alice", "Alice: I live in Boston.", ("D1:2",)),
+        ("Bob", "Bob: I have a dog named Rex.", ("D1:3",)),
+    ]
+    assert len(lanes[1].bank) == 0 and len(lanes[2].bank) == 0
+    assert [lane.format_failures for lane in lanes] == [0, 0, 2]  # lane 2's two manager replies
+    assert [len(lane.steps) for lane in lanes] == [4, 4, 4]
+    assert [s.role for s in lanes[0].steps] == ["extractor", "manager", "extractor", "manager"]
+
+
+def test_global_and_local_groups_have_known_keys_and_rewards(cfg):
+    conv = conversation()
+    store = SnapshotStore("t")
+    collector = GroupCollector(EpisodeRunner(ScriptedEngine(respond), cfg), ReaderAgent(), store, cfg)
+    result = collector.run_global(conv, horizon=2, n=3, step=0)
+    # Q_1 = {Rex} (latest evidence in session 1), Q_2 = {Alice's city}; category 5 is excluded.
+    assert [g.group_id for g in result.groups] == ["c1/s1", "c1/s2"]
+    assert all(g.kind == "global" for g in result.groups)
+    seen = dialogue_tokens(conv, 2)
+    lane0 = result.final_scores[0]
+    # Lane 0 remembers "Bob: I have a dog named Rex." -> the reader answers "Rex": F1 1 on Q_1.
+    # It inserted "Denver" without deleting "Boston"; the reader picks one of the two Alice memories.
+    rex = result.groups[0]
+    assert rex.rewards[0] == pytest.approx(1.0 - cfg.reward.lam * lane0.compression)
+    assert rex.rewards[1] == rex.rewards[2] == 0.0  # empty memories: no answer, no compression
+    # Word pieces: memories 7 + 9 + 7 ("Alice : I live in Boston ."...); dialogue 18 + 7.
+    assert seen == 25 and lane0.compression == pytest.approx((7 + 9 + 7 - 0.7 * 25) / 25)
+    samples = table_to_samples(rex.table)
+    assert {(s.rollout, s.role) for s in samples} == {(i, r) for i in range(3) for r in ("extractor", "manager")}
+    assert all(s.session == 1 and s.group_id == "c1/s1" and s.reward == rex.rewards[s.rollout] for s in samples)
+
+    # Snapshots: before session 1 every lane is empty; before session 2 lane 0 holds two memories.
+    assert len(store.get(result.snapshots[0][0])) == 0 and len(store.get(result.snapshots[0][1])) == 2
+    group, stats = collector.run_local(conv, 2, result.snapshots[0][1], anchor=0, m=2, step=0)
+    assert group.group_id == "c1/s2/anchor0" and group.kind == "local"
+    # Both branches start from lane 0's two memories. Branch 0 inserts "Denver" (the reader may
+    # still pick "Boston"), branch 1 keeps nothing new: F1 on {Rex, Alice's city} and compression differ.
+    assert stats.lanes == 2 and len(group.rewards) == 2 and group.rewards[0] != group.rewards[1]
+    assert not group.degenerate()
+    assert [score.questions for score in group.scores] == [2, 2]
+    # Per branch: extractor + manager for "I moved to Denver.", extractor only for "Cool." (no facts).
+    assert [s.role for s in table_to_samples(group.table)] == ["extractor", "manager", "extractor"] * 2
+
+
+def test_compression_penalty_formula():
+    bank = MemoryBank.empty().apply(Operation("INSERT", speaker="A", content="one two three four five six seven eight nine ten"))
+    assert compression(bank, 10, 0.7) == pytest.approx((10 - 7) / 10)
+    assert compression(bank, 100, 0.7) == 0.0
+    assert compression(bank, 0, 0.7) == 0.0
