@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from actors.engines.base import Engine, SamplingSpec
 from actors.parsing import parse_facts, parse_operations
@@ -62,6 +62,11 @@ def request_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
+def _seeded(spec: SamplingSpec, *key: object) -> SamplingSpec:
+    """Engines seed request i of a call with spec.seed + i: lanes differ, reruns repeat."""
+    return replace(spec, seed=request_seed(*key))
+
+
 class EpisodeRunner:
     def __init__(self, engine: Engine, cfg: Config) -> None:
         self.engine = engine
@@ -78,8 +83,7 @@ class EpisodeRunner:
     def _extract(self, lanes, session, chunk, chunk_ids, speakers, spec, key) -> list[list[Fact]]:
         system, user = extractor_messages(self.cfg.model.prompt_size, session.date_time, chunk)
         prompt = self.engine.chat_prompt(system, user)
-        seeds = [request_seed(*key, "extractor", i) for i in range(len(lanes))]
-        gens = self.engine.generate([prompt] * len(lanes), spec, seeds=seeds)
+        gens = self.engine.generate([prompt] * len(lanes), _seeded(spec, *key, "extractor"))
         out = []
         for lane, gen in zip(lanes, gens, strict=True):
             lane.steps.append(StepRecord("extractor", session.index, prompt, gen.token_ids, gen.logprobs))
@@ -98,8 +102,7 @@ class EpisodeRunner:
             prompt, related = self._manager_prompt(lane, fs)
             prompts.append(prompt)
             shown.append(related)
-        seeds = [request_seed(*key, "manager", i) for i, _, _ in busy]
-        gens = self.engine.generate(prompts, spec, seeds=seeds)
+        gens = self.engine.generate(prompts, _seeded(spec, *key, "manager"))
         for (_, lane, _), prompt, related, gen in zip(busy, prompts, shown, gens, strict=True):
             lane.steps.append(StepRecord("manager", session.index, prompt, gen.token_ids, gen.logprobs))
             parsed = parse_operations(gen.text, visible_memory_ids(related), speakers, chunk_ids)

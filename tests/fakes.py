@@ -18,12 +18,14 @@ class ScriptedEngine:
         self.policy_version = 0
         self.texts: list[tuple[str, str]] = []
         self.calls: list[int] = []  # batch size of every generate call
+        self.seeds: list[int | None] = []
 
     def chat_prompt(self, system: str, user: str) -> list[int]:
         self.texts.append((system, user))
         return [len(self.texts) - 1]
 
-    def generate(self, prompts, spec: SamplingSpec, seeds=None) -> list[Generation]:
+    def generate(self, prompts, spec: SamplingSpec) -> list[Generation]:
+        self.seeds.append(spec.seed)
         self.calls.append(len(prompts))
         out = []
         for lane, prompt in enumerate(prompts):

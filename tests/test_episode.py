@@ -6,6 +6,7 @@ import re
 import pytest
 
 from actors.answer_agent import ReaderAgent
+from actors.engines.base import SamplingSpec
 from actors.episode import EpisodeRunner, Lane, split_chunks
 from actors.groups import GroupCollector
 from actors.prompts import render_facts, render_operations
@@ -65,9 +66,14 @@ def test_split_chunks_is_contiguous_and_balanced():
 def test_one_session_in_lockstep_gives_known_memories_and_counts(cfg):
     engine = ScriptedEngine(respond)
     lanes = [Lane(MemoryBank.empty()) for _ in range(3)]
-    EpisodeRunner(engine, cfg).run_session(lanes, conversation(), conversation().sessions[0], None, ("k",))
+    EpisodeRunner(engine, cfg).run_session(lanes, conversation(), conversation().sessions[0], SamplingSpec(), ("k",))
     # 2 chunks x (extractor for 3 lanes + manager for 3 lanes): every call is one batch of 3.
     assert engine.calls == [3, 3, 3, 3]
+    # Each call gets its own seed (the engine adds the lane index), the same on a rerun.
+    assert len(set(engine.seeds)) == 4 and None not in engine.seeds
+    again = ScriptedEngine(respond)
+    EpisodeRunner(again, cfg).run_session([Lane(MemoryBank.empty()) for _ in range(3)], conversation(), conversation().sessions[0], SamplingSpec(), ("k",))
+    assert again.seeds == engine.seeds
     assert [(m.speaker, m.content, m.dia_ids) for m in lanes[0].bank] == [
         ("Alice", "Alice: I live in Boston.", ("D1:2",)),
         ("Bob", "Bob: I have a dog named Rex.", ("D1:3",)),

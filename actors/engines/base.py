@@ -18,7 +18,7 @@ class SamplingSpec:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     max_new_tokens: int = 256
-    seed: int | None = None
+    seed: int | None = None  # request i of a generate call samples with seed + i; None: unseeded
 
 
 @dataclass(slots=True)
