@@ -103,7 +103,7 @@ class AlgoConfig(Section):
     """LoGo-GRPO hyper-parameters (DESIGN §3); defaults are the paper's reference values."""
 
     local_prob: float = Field(0.5, ge=0, le=1)
-    local_weight: float | None = Field(None, ge=0)  # None: weight by share of samples (reference)
+    local_weight: float | None = Field(None, ge=0, le=1)  # None: weight by share of samples (reference)
     clip_eps: float = Field(0.2, gt=0)
     dual_clip: float = Field(3.0, gt=1)
     log_ratio_cap: float = Field(3.0, gt=0)
@@ -114,6 +114,9 @@ class AlgoConfig(Section):
 
 class LearnerConfig(Section):
     num_ranks: int = Field(1, ge=1)
+    cpus_per_rank: float = Field(1.0, gt=0)
+    gpus_per_rank: float | None = Field(None, ge=0)  # None: 1 when CUDA is present, else 0
+    weight_decay: float = Field(0.0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 2
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
     bf16: Literal["auto", "on", "off"] = "auto"

@@ -1,0 +1,130 @@
+"""The driver's handle on the DeepSpeed learner: `num_ranks` data-parallel ranks as Ray actors.
+
+    learner = Learner(model_dir, cfg.algo, cfg.learner, seed=cfg.seed)
+    metrics = learner.train(group_tables)        # one table per group, STEP_SCHEMA
+    weights = learner.state_dict()               # HF names, CPU tensors: weight sync
+    learner.save_checkpoint(dir, tag); learner.load_checkpoint(dir, tag)   # engine + optimizer
+    learner.save_pretrained(dir)                 # HF folder for evaluation / the next stage
+
+Advantages are computed here, per group table (learner.logo_grpo.with_advantages), before the
+rows are dealt to ranks, so a group's z-score never depends on how it was split.  See
+learner.batching for how rows are split and learner.ranks for the exact pooled gradient.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+
+from common.config import AlgoConfig, LearnerConfig
+from learner.batching import mini_batches_per_epoch, split_round_robin
+from learner.engine import grad_accumulation
+from learner.logo_grpo import with_advantages
+from learner.ranks import LearnerRank
+
+
+class Learner:
+    def __init__(
+        self,
+        model_dir: str,
+        algo: AlgoConfig,
+        cfg: LearnerConfig,
+        seed: int = 0,
+    ) -> None:
+        grad_accumulation(cfg, cfg.num_ranks)  # fail here, not inside an actor
+        self.algo, self.cfg, self.seed, self.model_dir = algo, cfg, seed, model_dir
+        self.version = 0  # policy version: bumped by every train() call, stamped on trajectories
+        self.train_calls = 0
+        gpus = (1.0 if torch.cuda.is_available() else 0.0) if cfg.gpus_per_rank is None else cfg.gpus_per_rank
+        threads = max(1, int(cfg.cpus_per_rank))
+        actor = ray.remote(LearnerRank).options(num_cpus=cfg.cpus_per_rank, num_gpus=gpus)
+        self.ranks = [actor.remote(r, cfg.num_ranks, threads) for r in range(cfg.num_ranks)]
+        start = time.perf_counter()
+        try:
+            master = self._rendezvous()
+            setup = [r.setup.remote(master, model_dir, algo.model_dump(), cfg.model_dump()) for r in self.ranks]
+            self.setup_s = max(ray.get(setup))  # inside the ranks: process group + engine
+        except BaseException:
+            self.shutdown()  # ranks that did join would wait for the others until the pg timeout
+            raise
+        self.startup_s = time.perf_counter() - start  # as the driver sees it, incl. actor start
+
+    def _rendezvous(self) -> tuple[str, int]:
+        """Rank 0 hosts the process group; loopback when every rank shares its node."""
+        ip, port = ray.get(self.ranks[0].address.remote())
+        ips = ray.get([r.address.remote() for r in self.ranks[1:]])
+        same_node = all(other_ip == ip for other_ip, _ in ips)
+        return ("127.0.0.1" if same_node else ip), port
+
+    # ------------------------------------------------------------------ training
+
+    def prepare(self, tables: Sequence[pa.Table]) -> pa.Table:
+        """Advantages per group, then one table in group order."""
+        done = [with_advantages(t, self.algo.adv_eps) for t in tables if t.num_rows]
+        if not done:
+            raise ValueError("train() got no rows")
+        return pa.concat_tables(done)
+
+    def train(self, tables: Sequence[pa.Table]) -> dict[str, float]:
+        """One LoGo-GRPO update over a batch of group tables; rank 0's (already all-reduced) metrics."""
+        batch = self.prepare(tables)
+        shards = split_round_robin(batch, self.cfg.num_ranks)
+        n_mini = mini_batches_per_epoch(batch.num_rows, self.cfg.mini_batch)
+        seed = self.seed * 1_000_003 + self.train_calls
+        results = ray.get([r.train.remote(s, n_mini, seed) for r, s in zip(self.ranks, shards)])
+        self.train_calls += 1
+        self.version += 1
+        metrics = dict(results[0])
+        metrics["train_s_max"] = max(m["train_s"] for m in results)  # the slowest rank sets the pace
+        metrics["groups"] = float(len(tables))
+        lag = self.version - 1 - pc.min(batch["policy_version"]).as_py()  # updates since the oldest row
+        metrics["policy_lag_max"] = float(lag)
+        metrics["policy_version"] = float(self.version)
+        return metrics
+
+    # ------------------------------------------------------------------ weights
+
+    def logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current policy's response logprobs on rank 0 (ranks hold identical weights)."""
+        if self.cfg.zero_stage == 3:  # a ZeRO-3 forward gathers parameters: every rank joins
+            return ray.get([r.logprobs.remote(prompts, responses) for r in self.ranks])[0]
+        return ray.get(self.ranks[0].logprobs.remote(prompts, responses))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return ray.get([r.state_dict.remote() for r in self.ranks])[0]
+
+    def rank_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Every rank's full weights (tests: data-parallel ranks must agree)."""
+        return ray.get([r.state_dict.remote(on_every_rank=True) for r in self.ranks])
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, our counters); every rank writes its
+        partition, so across nodes `directory` must be on a shared file system."""
+        state = {"version": self.version, "train_calls": self.train_calls, "seed": self.seed}
+        ray.get([r.save_checkpoint.remote(directory, tag, state) for r in self.ranks])
+
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        """Weights, optimizer state, policy version and the shuffle counter of a saved run."""
+        states = ray.get([r.load_checkpoint.remote(directory, tag) for r in self.ranks])
+        self.version = int(states[0].get("version", 0))
+        self.train_calls = int(states[0].get("train_calls", 0))
+
+    def save_pretrained(self, directory: str) -> None:
+        ray.get([r.save_pretrained.remote(directory) for r in self.ranks])
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            ray.kill(r)
+        self.ranks = []
+
+    def __enter__(self) -> Learner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

@@ -1,0 +1,142 @@
+"""DeepSpeed plumbing for one learner rank: environment, config, engine, full state dicts.
+
+Nothing here imports deepspeed at module level: importing it picks the accelerator, so the
+environment must be set first, and the driver (which never trains) should not pay the import.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import LearnerConfig
+
+# Files of a HF model folder that are the tokenizer's, copied beside saved weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def prepare_env() -> None:
+    """Before `import deepspeed`: CPU accelerator without CUDA, and a persistent JIT build cache.
+
+    DeepSpeed JIT-compiles its `deepspeed_shm_comm` op on every start (26-75 s here) unless a
+    build is cached; torch caches JIT builds in TORCH_EXTENSIONS_DIR, which by default is under
+    /tmp and per user.  A folder inside the venv survives reboots and is shared by every rank.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cache = Path(sys.prefix) / "torch_extensions"
+    if os.access(sys.prefix, os.W_OK):
+        cache.mkdir(exist_ok=True)
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache))
+
+
+def resolve_backend(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def resolve_bf16(setting: str) -> bool:
+    """auto: bf16 on GPUs that support it; fp32 on CPU.
+
+    On CPU, bf16 is a speed/precision trade we do not make silently: on the dev machine's EPYC
+    (avx512_bf16, no AMX) a tiny-model step ran ~1.5x faster in bf16, but its token logprobs
+    differ from fp32 by ~2e-3 on average (8e-3 max), which is more than the exactness checks of
+    the tests (ranks agree, resume reproduces a step) can absorb.  `on` forces bf16 anywhere.
+    """
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def grad_accumulation(cfg: LearnerConfig, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step, so that micro * accum * world = mini_batch."""
+    if cfg.mini_batch % (cfg.micro_batch * world_size):
+        raise ValueError(
+            f"learner.mini_batch ({cfg.mini_batch}) must be a multiple of micro_batch * num_ranks "
+            f"({cfg.micro_batch} * {world_size})"
+        )
+    return cfg.mini_batch // (cfg.micro_batch * world_size)
+
+
+def ds_config(cfg: LearnerConfig, world_size: int, bf16: bool) -> dict[str, Any]:
+    accum = grad_accumulation(cfg, world_size)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.micro_batch * accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # DeepSpeed's own progress lines: off; the driver logs metrics
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model_dir: str, cfg: LearnerConfig, world_size: int, bf16: bool) -> Any:
+    """Policy from `model_dir` wrapped in a DeepSpeed engine with a torch AdamW object.
+
+    The optimizer is passed as an object, not named in the config: a config optimizer makes
+    DeepSpeed JIT-build FusedAdam (~44 s on CPU).  Weight decay is 0: it would pull the policy
+    toward zero, not toward the reference the KL term anchors it to.
+    """
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config(cfg, world_size, bf16), dist_init_required=False
+    )
+    engine.train()
+    return engine
+
+
+def build_reference(model_dir: str, device: torch.device, bf16: bool) -> torch.nn.Module:
+    """The frozen reference policy for the KL term (unsharded: at 7B in bf16 it fits one GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    ref.eval().requires_grad_(False)
+    return ref
+
+
+def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """HF-named CPU copy of every weight; under ZeRO-3 every rank must call this (it gathers)."""
+    import deepspeed
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_hf(engine: Any, state: dict[str, torch.Tensor], out_dir: str, model_dir: str) -> None:
+    """A HF folder (config, safetensors, tokenizer files copied from the model dir if present)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    engine.module.save_pretrained(out, state_dict=state)
+    for name in TOKENIZER_FILES:
+        src = Path(model_dir) / name
+        if src.is_file():
+            shutil.copy2(src, out / name)

@@ -1,0 +1,174 @@
+"""One data-parallel learner rank: a DeepSpeed engine inside a Ray actor.
+
+The driver (`learner.deepspeed_learner.Learner`) creates the ranks, rendezvouses them, and hands
+each its shard of rows; the loss is learner.logo_grpo's.  Gradients: each micro-batch's loss is
+its share of the mini-batch's pooled loss (weights from the pool's counts, summed over ranks),
+times world_size because DeepSpeed averages gradients over data-parallel ranks, and backward runs
+with scale_wrt_gas=False because the shares already add up to the mini-batch's loss.  The update is
+therefore the exact pooled LoGo-GRPO gradient of the whole mini-batch, however it is split.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import pyarrow as pa
+import ray
+import torch
+
+from common.config import AlgoConfig, LearnerConfig
+from learner import engine as eng
+from learner.batching import Rows, plan_epoch
+from learner.logo_grpo import logo_grpo_loss, pool_weights
+from learner.logprobs import pack, packed_logprobs, response_logprobs
+
+# Metrics pooled per mini-batch (summed over micro-batches and ranks) and per-sample means.
+POOLED = ("loss", "pg_loss", "kl", "entropy")
+PER_SAMPLE = ("clip_frac", "dual_clip_frac", "cap_frac", "ratio_mean")
+
+
+class LearnerRank:
+    def __init__(self, rank: int, world_size: int, num_threads: int = 1) -> None:
+        self.rank, self.world = rank, world_size
+        torch.set_num_threads(max(1, num_threads))  # Ray sets OMP_NUM_THREADS=1 in actors
+        eng.prepare_env()
+
+    # ------------------------------------------------------------------ set-up
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a port free on it, for rank 0 to host the rendezvous."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master: tuple[str, int], model_dir: str, algo: dict, learner: dict) -> float:
+        """Join the process group and build the engine; returns seconds taken."""
+        start = time.perf_counter()
+        self.algo, self.cfg = AlgoConfig(**algo), LearnerConfig(**learner)
+        self.model_dir = model_dir
+        os.environ.update(
+            MASTER_ADDR=master[0],
+            MASTER_PORT=str(master[1]),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world),
+            LOCAL_RANK="0",  # each actor sees only its own device (Ray sets CUDA_VISIBLE_DEVICES)
+        )
+        import deepspeed
+
+        backend = eng.resolve_backend(self.cfg.backend)
+        deepspeed.init_distributed(backend, auto_mpi_discovery=False, rank=self.rank, world_size=self.world)
+        self.bf16 = eng.resolve_bf16(self.cfg.bf16)
+        self.accum = eng.grad_accumulation(self.cfg, self.world)
+        self.engine = eng.build_engine(model_dir, self.cfg, self.world, self.bf16)
+        self.ref = None
+        if self.algo.kl_beta > 0:
+            self.ref = eng.build_reference(model_dir, self.engine.device, self.bf16)
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, shard: pa.Table, n_mini: int, seed: int) -> dict[str, float]:
+        """`ppo_epochs` epochs of `n_mini` optimizer steps over this rank's shard."""
+        start = time.perf_counter()
+        rows = Rows.from_table(shard)
+        sums = dict.fromkeys(POOLED + PER_SAMPLE + ("grad_norm",), 0.0)
+        generator = torch.Generator().manual_seed(seed * 1009 + self.rank)
+        for _ in range(self.cfg.ppo_epochs):
+            for micro_idx in plan_epoch(len(rows), n_mini, self.accum, generator):
+                self._mini_batch(rows, micro_idx, sums)
+        steps = self.cfg.ppo_epochs * n_mini
+        totals = self._all_reduce(
+            [sums[k] for k in POOLED + PER_SAMPLE]
+            + [float(len(rows)), float(sum(len(r) for r in rows.responses))]
+        )
+        metrics = {k: totals[i] / steps for i, k in enumerate(POOLED)}
+        seen = max(totals[-2] * self.cfg.ppo_epochs, 1.0)
+        metrics |= {k: totals[len(POOLED) + i] / seen for i, k in enumerate(PER_SAMPLE)}
+        metrics |= {
+            "grad_norm": sums["grad_norm"] / steps,  # before clipping, averaged over steps
+            "samples": totals[-2],
+            "tokens": totals[-1],
+            "steps": float(steps),
+            "train_s": time.perf_counter() - start,
+        }
+        return metrics
+
+    def _mini_batch(self, rows: Rows, micro_idx: list[list[int]], sums: dict[str, float]) -> None:
+        """One optimizer step: `accum` backward passes, then engine.step()."""
+        flat = [i for micro in micro_idx for i in micro]
+        n_local = sum(rows.is_local[i] for i in flat)
+        counts = self._all_reduce([float(len(flat) - n_local), float(n_local)])
+        for idx in micro_idx:
+            if idx:
+                self._micro_batch(rows.select(idx), (int(counts[0]), int(counts[1])), sums)
+            else:
+                self._dummy_backward()
+            self.engine.step()  # DeepSpeed only updates at the accumulation boundary
+        norm = self.engine.get_global_grad_norm()
+        sums["grad_norm"] += float(norm) if norm is not None else float("nan")
+
+    def _micro_batch(self, rows: Rows, counts: tuple[int, int], sums: dict[str, float]) -> None:
+        packed = pack(rows.prompts, rows.responses).to(self.engine.device)
+        new, entropy = packed_logprobs(self.engine, packed, with_entropy=True)
+        if self.algo.entropy_eta == 0:
+            entropy = entropy.detach()  # still logged; no bonus, so no backward through it
+        ref = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref, _ = packed_logprobs(self.ref, packed)
+        device = new.device
+        old = rows.old_logprobs_tensor(packed.response_mask.shape[1]).to(device)
+        adv = torch.tensor(rows.advantages, dtype=torch.float32, device=device)
+        is_local = torch.tensor(rows.is_local, device=device)
+        weights = pool_weights(is_local.cpu(), self.algo.local_weight, *counts).to(device)
+        loss, m = logo_grpo_loss(new, old, packed.response_mask, adv, is_local, self.algo, ref, entropy, weights)
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
+        sums["loss"] += float(loss.detach())
+        for k in POOLED[1:]:
+            sums[k] += m[k]
+        for k in PER_SAMPLE:
+            sums[k] += m[k] * len(rows)
+
+    def _dummy_backward(self) -> None:
+        """Zero gradient through the whole model, so an empty micro-batch still joins the reduction."""
+        packed = pack([[0]], [[0]]).to(self.engine.device)
+        logprobs, _ = packed_logprobs(self.engine, packed)
+        self.engine.backward(logprobs.sum() * 0.0, scale_wrt_gas=False)
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        import deepspeed.comm as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    # ------------------------------------------------------------------ weights and checkpoints
+
+    def logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current policy's response logprobs and mask, on CPU (tests, weight-sync checks)."""
+        with torch.no_grad():
+            lp, mask, _ = response_logprobs(self.engine, prompts, responses)
+        return lp.float().cpu(), mask.cpu()
+
+    def state_dict(self, on_every_rank: bool = False) -> dict[str, torch.Tensor] | None:
+        """Full HF-named CPU weights on rank 0 (every rank must call it: ZeRO-3 gathers)."""
+        state = eng.full_state_dict(self.engine)
+        return state if (self.rank == 0 or on_every_rank) else None
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {directory}")
+        return client_state or {}
+
+    def save_pretrained(self, directory: str) -> None:
+        state = eng.full_state_dict(self.engine)
+        if self.rank == 0:
+            eng.save_hf(self.engine, state, directory, self.model_dir)

@@ -1,0 +1,207 @@
+"""The DeepSpeed learner with real Ray actors, DeepSpeed and gloo on a tiny random Llama.
+
+Rank actors ask for half a CPU each here, so a learner can start even while another test module's
+actor holds a CPU of the 2-CPU test cluster; they still run one torch thread each.
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from common.config import AlgoConfig, LearnerConfig
+from common.types import StepSample, samples_to_table
+from learner.batching import plan_epoch, split_round_robin
+from learner.deepspeed_learner import Learner
+from learner.logprobs import response_logprobs
+
+pytestmark = pytest.mark.slow
+
+VOCAB = 500
+CPUS = 0.5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=256,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 256}')  # copied by save_pretrained
+    return str(path)
+
+
+def config(**kw):
+    base = dict(num_ranks=1, zero_stage=2, lr=5e-4, mini_batch=4, micro_batch=2, ppo_epochs=2, cpus_per_rank=CPUS)
+    return LearnerConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def learner(ray_local, model_dir):
+    with Learner(model_dir, AlgoConfig(), config(), seed=1) as lrn:
+        yield lrn
+
+
+def tokens(g, n):
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+def make_groups(lrn, seed=0):
+    """A global group (4 rollouts, rollout 0 takes two steps) and a local group (3 branches).
+
+    Behaviour logprobs come from the learner itself, so every ratio starts at 1."""
+    g = torch.Generator().manual_seed(seed)
+    specs = [("global", "c/s1", [(0, 1.0), (0, 1.0), (1, 0.0), (2, 1.0), (3, 0.0)]),
+             ("local", "c/s1/anchor2", [(0, 0.0), (1, 1.0), (2, 0.5)])]
+    tables, rewards = [], []
+    for kind, gid, steps in specs:
+        prompt = tokens(g, 12)
+        rows = [(prompt, tokens(g, 3 + i), k, r) for i, (k, r) in enumerate(steps)]
+        lp, _ = lrn.logprobs([p for p, *_ in rows], [resp for _, resp, *_ in rows])
+        samples = [
+            StepSample("manager", p, resp, lp[i, : len(resp)].tolist(), "c", 1, gid, kind, k, r)
+            for i, (p, resp, k, r) in enumerate(rows)
+        ]
+        tables.append(samples_to_table(samples))
+        per_rollout = dict(steps)  # one reward per rollout: the baseline is their mean, not the rows'
+        baseline = sum(per_rollout.values()) / len(per_rollout)
+        rewards += [r - baseline for *_, r in rows]  # the sign of each row's advantage
+    return tables, rewards
+
+
+def summed_logprobs(lrn, tables):
+    prompts = [p for t in tables for p in t["prompt_ids"].to_pylist()]
+    responses = [r for t in tables for r in t["response_ids"].to_pylist()]
+    lp, _ = lrn.logprobs(prompts, responses)
+    return lp.sum(-1)
+
+
+def assert_finite(metrics):
+    for k, v in metrics.items():
+        assert math.isfinite(v), (k, v)
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def test_batched_logprobs_equal_unpadded_forwards(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(3)
+    prompts = [tokens(g, n) for n in (5, 17, 1, 9)]
+    responses = [tokens(g, n) for n in (3, 8, 12, 0)]
+    with torch.no_grad():
+        lp, mask, ent = response_logprobs(model, prompts, responses, with_entropy=True)
+        for b, (p, r) in enumerate(zip(prompts, responses)):
+            assert mask[b].sum() == len(r)
+            if not r:
+                continue
+            logits = torch.log_softmax(model(torch.tensor([p + r])).logits[0].float(), -1)
+            rows = logits[len(p) - 1 : len(p) - 1 + len(r)]
+            want = rows.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+            assert torch.allclose(lp[b, : len(r)], want, atol=1e-5)
+            assert torch.allclose(ent[b, : len(r)], -(rows.exp() * rows).sum(-1), atol=1e-4)
+
+
+def test_every_rank_plans_the_same_number_of_steps_and_backwards():
+    g = torch.Generator().manual_seed(0)
+    import pyarrow as pa
+
+    table = pa.table({"x": list(range(11))})
+    shards = split_round_robin(table, 2)
+    assert [s["x"].to_pylist() for s in shards] == [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9]]
+    for n in (6, 5, 1, 0):
+        plan = plan_epoch(n, 2, 3, g)
+        assert [len(mini) for mini in plan] == [3, 3]
+        assert sorted(i for mini in plan for micro in mini for i in micro) == list(range(n))
+
+
+# ---------------------------------------------------------------- Ray + DeepSpeed
+
+
+def test_advantage_sign_moves_the_policy(learner):
+    tables, signs = make_groups(learner)
+    before = summed_logprobs(learner, tables)
+    metrics = learner.train(tables)
+    after = summed_logprobs(learner, tables)
+    assert_finite(metrics)
+    assert metrics["samples"] == 8 and metrics["steps"] == 2 * 2  # 2 epochs x ceil(8 / 4)
+    assert metrics["policy_version"] == learner.version == 1
+    for delta, sign in zip((after - before).tolist(), signs):
+        if sign > 0:
+            assert delta > 0
+        elif sign < 0:
+            assert delta < 0
+
+
+def test_state_dict_and_save_pretrained_round_trip(learner, tmp_path):
+    tables, _ = make_groups(learner, seed=4)
+    state = learner.state_dict()
+    fresh = LlamaForCausalLM(LlamaConfig.from_pretrained(learner.model_dir))
+    assert set(state) == set(fresh.state_dict())
+    fresh.load_state_dict(state)
+    prompts = [p for t in tables for p in t["prompt_ids"].to_pylist()]
+    responses = [r for t in tables for r in t["response_ids"].to_pylist()]
+    with torch.no_grad():
+        mine, _, _ = response_logprobs(fresh, prompts, responses)
+    engine, _ = learner.logprobs(prompts, responses)
+    assert torch.allclose(mine, engine, atol=1e-6)
+
+    learner.save_pretrained(str(tmp_path / "hf"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in state.items())
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
+
+
+def test_checkpoint_resume_reproduces_the_next_step(learner, model_dir, tmp_path):
+    tables, _ = make_groups(learner, seed=5)
+    learner.save_checkpoint(str(tmp_path), "t1")
+    saved, version = learner.state_dict(), learner.version
+    next_metrics = learner.train(tables)
+    next_state = learner.state_dict()
+
+    with Learner(model_dir, AlgoConfig(), config(), seed=1) as resumed:
+        resumed.load_checkpoint(str(tmp_path), "t1")
+        assert resumed.version == version
+        assert all(torch.equal(resumed.state_dict()[k], v) for k, v in saved.items())
+        again = resumed.train(tables)
+        for k in ("loss", "pg_loss", "kl", "clip_frac", "grad_norm"):
+            assert again[k] == pytest.approx(next_metrics[k], rel=1e-5, abs=1e-7), k
+        # equal weights after the step need the optimizer's moments restored, not only weights
+        state = resumed.state_dict()
+        assert all(torch.allclose(state[k], v, atol=1e-6) for k, v in next_state.items())
+
+
+def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir):
+    """One mini-batch split over 2 ZeRO-2 ranks gives the same update as one ZeRO-3 rank.
+
+    The ranks' shards mix global and local rows in different proportions, so with a local weight
+    only pooling over the whole mini-batch (counts all-reduced) can match; 6 micro-batch slots
+    for 4 rows per rank also run the zero-weight dummy backward."""
+    algo = AlgoConfig(local_weight=0.3)
+    cfg2 = config(num_ranks=2, zero_stage=2, mini_batch=12, micro_batch=1, ppo_epochs=1)
+    with Learner(model_dir, algo, cfg2) as two:
+        tables, _ = make_groups(two, seed=7)
+        m2 = two.train(tables)
+        rank0, rank1 = two.rank_state_dicts()
+        probe = summed_logprobs(two, tables)
+    assert_finite(m2)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+    cfg1 = config(num_ranks=1, zero_stage=3, mini_batch=8, micro_batch=4, ppo_epochs=1)
+    with Learner(model_dir, algo, cfg1) as one:
+        m1 = one.train(tables)
+        one_state = one.state_dict()
+        assert torch.allclose(summed_logprobs(one, tables), probe, atol=1e-4)
+    assert set(one_state) == set(rank0) and all(one_state[k].shape == rank0[k].shape for k in rank0)
+    for k in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "samples", "tokens"):
+        assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), k
