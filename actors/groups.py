@@ -135,6 +135,18 @@ class GroupCollector:
         stats.score_s = time.perf_counter() - start
         return self._group("local", f"{conv.sample_id}/s{t}/anchor{anchor}", conv, t, lanes, scores), stats
 
+    def evaluate(self, conv: Conversation, horizon: int) -> MemoryScore:
+        """Validation: one rollout at the evaluation temperature, terminal memory on all questions."""
+        horizon = min(horizon, len(conv.sessions))
+        r = self.cfg.rollout
+        spec = SamplingSpec(temperature=r.eval_temperature, top_p=1.0, max_new_tokens=r.max_new_tokens, seed=0)
+        lanes = [Lane(MemoryBank.empty(self.cfg.memory.retriever))]
+        for session in conv.sessions[:horizon]:
+            self.runner.run_session(lanes, conv, session, spec, ("eval", conv.sample_id, session.index))
+        questions = questions_up_to(scored_questions(conv, self.cfg.data.exclude_adversarial), horizon)
+        bank = lanes[0].bank
+        return memory_score(bank, questions, self._answer(conv, bank, questions), dialogue_tokens(conv, horizon), self.cfg.reward)
+
     def _answer(self, conv: Conversation, bank: MemoryBank, questions: Sequence[QA]) -> list[str]:
         if not questions:
             return []

@@ -49,8 +49,9 @@ class SnapshotRegistry:
 
 
 def snapshot_registry() -> ray.actor.ActorHandle:
-    """The cluster's registry, created on first use (detached from any one actor's lifetime)."""
-    return SnapshotRegistry.options(name=REGISTRY_NAME, get_if_exists=True, lifetime="detached").remote()
+    """The job's registry, created on first use. Its lifetime is its creator's: the driver creates
+    it up front (see actors.pool) so that it outlives any one rollout worker."""
+    return SnapshotRegistry.options(name=REGISTRY_NAME, get_if_exists=True).remote()
 
 
 class SnapshotStore:

@@ -61,6 +61,32 @@ def _cmd_bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from actors.rollout_job import run_rollouts, smoke_config
+    from common.config import load_config
+
+    cfg = smoke_config(args.config, args.overrides) if args.smoke else load_config(args.config, args.overrides)
+    report = run_rollouts(cfg)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:>22}: {value:.3f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from actors.models import resolve_model
+
+    print(resolve_model(args.name, args.models_dir))
+    return 0
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of config overrides (see common/config.py)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memr2", description="Memory-R2 on Ray: LoGo-GRPO for memory agents")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--sizes", type=int, nargs="+", default=[100, 1_000, 10_000])
     memory.add_argument("--json", action="store_true")
     memory.set_defaults(fn=_cmd_bench_memory)
+    rollout = sub.add_parser("rollout", help="run rollouts only: global and local groups on Ray rollout actors")
+    _add_config_args(rollout)
+    rollout.add_argument("--smoke", action="store_true", help="the embedded default at smoke size (1 conversation, 4 sessions, n=4, m=2)")
+    rollout.add_argument("--json", action="store_true")
+    rollout.set_defaults(fn=_cmd_rollout)
+
+    models = sub.add_parser("models", help="build an offline model (tiny, smollm2) on first use and print its folder")
+    models.add_argument("name", choices=["tiny", "smollm2"])
+    models.add_argument("--models-dir", help="where models live (default: ./models or $MEMR2_MODELS_DIR)")
+    models.set_defaults(fn=_cmd_models)
     return parser
 
 

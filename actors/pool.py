@@ -1,0 +1,133 @@
+"""The driver's side of rollouts: a pool of rollout workers fed conversations.
+
+One collection step: every conversation's n global rollouts run on one worker (so a batched
+generate covers all n lanes); as each finishes, its local groups are drawn (per session t with
+probability p_local, one anchor rollout) and spread over the pool, preferring another worker
+than the anchor's, which then restores the anchor's snapshot by id through the registry.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from actors.episode import request_seed
+from actors.groups import GlobalResult, Group, LaneStats
+from actors.policy_store import policy_store
+from actors.rewards import MemoryScore
+from actors.worker import RolloutWorker
+from common.config import Config
+from common.types import Conversation
+from memory_service.snapshots import snapshot_registry
+
+
+@dataclass(slots=True)
+class RolloutBatch:
+    groups: list[Group]  # the groups with signal; tables are object refs
+    degenerate_groups: int = 0
+    global_groups: int = 0
+    local_groups: int = 0
+    episodes: int = 0  # global rollouts + local branches
+    snapshot_forks: int = 0  # branches forked from a stored snapshot
+    cross_actor_restores: int = 0
+    stats: LaneStats = field(default_factory=LaneStats)
+    final_f1: list[float] = field(default_factory=list)  # terminal-memory F1 per global rollout
+    m_fail: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+class RolloutPool:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        # Created here so the driver owns them: they must outlive any one worker.
+        self.registry, self.policy_store = snapshot_registry(), policy_store()
+        remote_cls = ray.remote(RolloutWorker)
+        r = cfg.rollout
+        self.workers = [
+            remote_cls.options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor).remote(cfg, i) for i in range(r.num_actors)
+        ]
+        self.infos = ray.get([w.info.remote() for w in self.workers])
+
+    @property
+    def engine(self) -> str:
+        return self.infos[0]["engine"]
+
+    def collect(self, conversations: list[Conversation], horizon: int, step: int) -> RolloutBatch:
+        start = time.perf_counter()
+        r = self.cfg.rollout
+        rng = random.Random(request_seed(self.cfg.seed, step, "local-groups"))
+        batch = RolloutBatch(groups=[])
+        pending = {}
+        for j, conv in enumerate(conversations):
+            owner = j % len(self.workers)
+            pending[self.workers[owner].run_global.remote(conv, horizon, r.n_global, step)] = (owner, conv)
+        local_refs, turn = [], 0
+        # Local groups of a conversation start as soon as its global rollouts are done.
+        for ref in _as_completed(list(pending)):
+            owner, conv = pending[ref]
+            result: GlobalResult = ray.get(ref)
+            self._take_global(batch, result)
+            for t_pos in range(len(result.snapshots[0])):
+                if rng.random() >= self.cfg.algo.local_prob:
+                    continue
+                anchor = rng.randrange(r.n_global)
+                snapshot_id = result.snapshots[anchor][t_pos]
+                target = (owner + 1 + turn) % len(self.workers)
+                turn += 1
+                if target != owner:
+                    ray.get(self.workers[owner].share_snapshot.remote(snapshot_id))
+                    batch.cross_actor_restores += 1
+                session = conv.sessions[t_pos].index
+                local_refs.append(self.workers[target].run_local.remote(conv, session, snapshot_id, anchor, r.m_local, step))
+        for group, stats, forks in ray.get(local_refs):
+            batch.local_groups += 1
+            batch.snapshot_forks += forks
+            batch.episodes += forks
+            _merge(batch.stats, stats)
+            self._keep(batch, group)
+        ray.get([w.release_snapshots.remote() for w in self.workers])
+        batch.wall_s = time.perf_counter() - start
+        return batch
+
+    def _take_global(self, batch: RolloutBatch, result: GlobalResult) -> None:
+        batch.episodes += len(result.snapshots)
+        batch.final_f1 += [s.f1 for s in result.final_scores]
+        batch.m_fail += [s.m_fail for s in result.final_scores]
+        _merge(batch.stats, result.stats)
+        for group in result.groups:
+            batch.global_groups += 1
+            self._keep(batch, group)
+
+    @staticmethod
+    def _keep(batch: RolloutBatch, group: Group) -> None:
+        if group.degenerate():
+            batch.degenerate_groups += 1
+        else:
+            batch.groups.append(group)
+
+    def evaluate(self, conversations: list[Conversation], horizon: int) -> list[MemoryScore]:
+        """Greedy validation rollouts, spread over the pool; one score per conversation."""
+        refs = [self.workers[j % len(self.workers)].evaluate.remote(c, horizon) for j, c in enumerate(conversations)]
+        return ray.get(refs)
+
+    def load_weights(self, wrapped_weights: list, version: int) -> None:
+        """Every live worker takes the new weights (one object in the store, fetched per node)."""
+        ray.get([w.load_weights.remote(wrapped_weights, version) for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+
+
+def _as_completed(refs: list):
+    while refs:
+        done, refs = ray.wait(refs, num_returns=1)
+        yield done[0]
+
+
+def _merge(into: LaneStats, other: LaneStats) -> None:
+    for name in LaneStats.__slots__:
+        setattr(into, name, getattr(into, name) + getattr(other, name))
