@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,13 +161,25 @@ def default_models_dir(models_dir: str | Path | None = None) -> Path:
     return Path(models_dir or os.environ.get("MEMR2_MODELS_DIR") or REPO_ROOT / "models")
 
 
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as err:  # offline machines, unknown ids, gated repos: one line saying which
+        raise ValueError(f"model {repo_id!r}: no local checkpoint and the hub download failed ({type(err).__name__})") from None
+
+
 def resolve_model(name: str, models_dir: str | Path | None = None) -> Path:
-    """'tiny'/'smollm2' -> built once under the models dir; anything else must be a checkpoint dir."""
+    """'tiny'/'smollm2' -> built once under the models dir; a checkpoint dir as it is; an
+    "org/name" hub id (GPU clusters with hub access) -> downloaded once into the HF cache."""
     if name not in BUILDERS:
         path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model {name!r} is neither 'tiny', 'smollm2' nor a checkpoint directory with config.json")
-        return path
+        if (path / "config.json").is_file():
+            return path
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not path.exists():
+            return _from_hub(name)
+        raise ValueError(f"model {name!r} is neither 'tiny', 'smollm2', a checkpoint directory with config.json nor a hub id")
     root = default_models_dir(models_dir)
     final = root / name
     if (final / "config.json").is_file():

@@ -52,3 +52,12 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(Exception):
         cfg.algo.clip_eps = 0.3
+
+
+def test_the_shipped_paper_config_loads_with_the_papers_numbers():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "deploy" / "paper.yaml")
+    assert (cfg.rollout.n_global, cfg.rollout.m_local, cfg.rollout.chunks_per_session, cfg.memory.related_top_k) == (16, 4, 6, 25)
+    assert (cfg.learner.lr, cfg.learner.ppo_epochs, cfg.learner.mini_batch) == (2e-6, 2, 16)
+    assert cfg.reward.answer_agent.kind == "openai" and cfg.data.source == "locomo"

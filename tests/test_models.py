@@ -125,3 +125,9 @@ def test_two_processes_resolving_at_once_build_one_intact_model(tmp_path):
     assert [p.returncode for p in procs] == [0, 0] and outs == [str(tmp_path / "tiny")] * 2
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".tiny.lock")) == ["tiny"]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "tiny").config.vocab_size > 1000
+
+
+def test_a_hub_id_without_hub_access_fails_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"model 'Qwen/Qwen2.5-7B-Instruct': no local checkpoint and the hub download failed"):
+        resolve_model("Qwen/Qwen2.5-7B-Instruct")
