@@ -106,7 +106,7 @@ def test_resolve_model_builds_once_and_honours_the_env(tmp_path, monkeypatch):
 
 
 def test_resolve_model_rejects_unknown_names(tmp_path):
-    with pytest.raises(ValueError, match="neither 'tiny', 'smollm2' nor a checkpoint") as err:
+    with pytest.raises(ValueError, match="neither 'tiny', 'smollm2', a checkpoint directory with config.json nor a hub id") as err:
         resolve_model("gpt-17", tmp_path)
     assert "\n" not in str(err.value)
     (tmp_path / "empty").mkdir()
