@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import ray
 
 from common.config import ClusterConfig
@@ -10,14 +13,21 @@ from common.config import ClusterConfig
 ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-def init_ray(cfg: ClusterConfig) -> None:
+def init_ray(cfg: ClusterConfig, cpus_needed: float = 0) -> None:
     """`address=None` starts a local cluster (a laptop, CI); "auto" or ray://... joins one
-    (under `ray job submit` Ray sets RAY_ADDRESS and this joins the job's cluster)."""
+    (under `ray job submit` Ray sets RAY_ADDRESS and this joins the job's cluster).
+
+    A local cluster gets at least `cpus_needed` logical CPUs: rollouts and updates alternate, so
+    the rollout actors and learner ranks can all be placed at once on a small machine without
+    competing for its cores."""
     if ray.is_initialized():
         return
+    num_cpus = None
+    if cfg.address is None:
+        num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed))
     ray.init(
         address=cfg.address,
-        num_cpus=cfg.num_cpus if cfg.address is None else None,
+        num_cpus=num_cpus,
         runtime_env={"env_vars": ACTOR_ENV},
         include_dashboard=False if cfg.address is None else None,
         log_to_driver=cfg.log_to_driver,

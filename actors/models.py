@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -70,7 +71,22 @@ def _tokenizer_corpus(seed: int) -> list[str]:
         for qa in conv["qa"]:
             answer = qa.get("answer", qa.get("adversarial_answer", ""))
             texts.append(f"Question: {qa['question']}\nAnswer: {answer}")
-    return texts
+    return texts + _prompt_texts()
+
+
+def _prompt_texts(copies: int = 64) -> list[str]:
+    """The role prompts themselves, so their fixed instructions become few tokens: every prompt the
+    tiny model reads or trains on is several times shorter, and so is every step."""
+    from actors.prompts import SIZES, extractor_messages, manager_messages
+    from common.types import Fact, MemoryItem, Turn
+
+    turn = Turn("Alice", "D1:1", "I moved to Denver.")
+    fact = Fact("Alice", "D1:1", "Alice moved to Denver.")
+    memory = MemoryItem("0", "Alice", "Alice lives in Boston.", "", ())
+    texts = []
+    for size in SIZES:
+        texts += [*extractor_messages(size, "1:56 pm on 8 May, 2023", [turn]), *manager_messages(size, [fact], [[memory]])]
+    return texts * copies
 
 
 def _train_tokenizer(seed: int):
@@ -230,6 +246,19 @@ class ChatEngineBase:
             eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
             ids.update(eos if isinstance(eos, list) else [eos])
         return sorted(i for i in ids if i is not None)
+
+    @staticmethod
+    def fingerprint(named_tensors) -> str:
+        """A digest of every weight's name, dtype, shape and bytes: two engines with equal
+        fingerprints hold bit-identical weights (a weight sync's proof, and a drift check)."""
+        import torch
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(named_tensors, key=lambda kv: kv[0]):
+            t = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
 
     def chat_prompt(self, system: str, user: str) -> list[int]:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]

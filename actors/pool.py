@@ -1,9 +1,9 @@
 """The driver's side of rollouts: a pool of rollout workers fed conversations.
 
 One collection step: every conversation's n global rollouts run on one worker (so a batched
-generate covers all n lanes); as each finishes, its local groups are drawn (per session t with
-probability p_local, one anchor rollout) and spread over the pool, preferring another worker
-than the anchor's, which then restores the anchor's snapshot by id through the registry.
+generate covers all n lanes); then its local groups are drawn (per session t with probability
+p_local, one anchor rollout) and spread over the pool, starting at another worker than the
+anchor's, which then restores the anchor's snapshot by id through the registry.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class RolloutBatch:
     final_f1: list[float] = field(default_factory=list)  # terminal-memory F1 per global rollout
     m_fail: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    policy_versions: set[int] = field(default_factory=set)  # of every group, kept or not
+    anchors: list[tuple[int, Conversation]] = field(default_factory=list)  # (owner worker, conversation)
+    snapshots: list[list[list[str]]] = field(default_factory=list)  # per conversation: [rollout][t-1]
 
 
 class RolloutPool:
@@ -56,44 +59,58 @@ class RolloutPool:
         return self.infos[0]["engine"]
 
     def collect(self, conversations: list[Conversation], horizon: int, step: int) -> RolloutBatch:
+        """Global rollouts, then local rerollouts, then the snapshots are released."""
+        batch = self.rollouts(conversations, horizon, step)
+        self.local_rerollouts(batch, step)
+        return batch
+
+    def rollouts(self, conversations: list[Conversation], horizon: int, step: int) -> RolloutBatch:
+        """n global rollouts per conversation (rewards r_G scored in the actors); every rollout's
+        snapshot before each session stays in its actor for the local rerollouts."""
+        start = time.perf_counter()
+        batch = RolloutBatch(groups=[])
+        refs = []
+        for j, conv in enumerate(conversations):
+            owner = j % len(self.workers)
+            refs.append(self.workers[owner].run_global.remote(conv, horizon, self.cfg.rollout.n_global, step))
+            batch.anchors.append((owner, conv))
+        for result in ray.get(refs):
+            self._take_global(batch, result)
+        batch.wall_s = time.perf_counter() - start
+        return batch
+
+    def local_rerollouts(self, batch: RolloutBatch, step: int) -> None:
+        """For each session t with probability p_local: one anchor rollout's snapshot M_{t-1},
+        re-run m times for session t alone (rewards r_L on the branched M_t)."""
         start = time.perf_counter()
         r = self.cfg.rollout
         rng = random.Random(request_seed(self.cfg.seed, step, "local-groups"))
-        batch = RolloutBatch(groups=[])
-        pending = {}
-        for j, conv in enumerate(conversations):
-            owner = j % len(self.workers)
-            pending[self.workers[owner].run_global.remote(conv, horizon, r.n_global, step)] = (owner, conv)
-        local_refs, turn = [], 0
-        # Local groups of a conversation start as soon as its global rollouts are done.
-        for ref in _as_completed(list(pending)):
-            owner, conv = pending[ref]
-            result: GlobalResult = ray.get(ref)
-            self._take_global(batch, result)
-            for t_pos in range(len(result.snapshots[0])):
+        refs, turn = [], 0
+        for (owner, conv), snapshots in zip(batch.anchors, batch.snapshots, strict=True):
+            for t_pos in range(len(snapshots[0])):
                 if rng.random() >= self.cfg.algo.local_prob:
                     continue
                 anchor = rng.randrange(r.n_global)
-                snapshot_id = result.snapshots[anchor][t_pos]
-                target = (owner + 1 + turn) % len(self.workers)
+                snapshot_id = snapshots[anchor][t_pos]
+                target = (owner + 1 + turn) % len(self.workers)  # spread, starting at another actor
                 turn += 1
                 if target != owner:
                     ray.get(self.workers[owner].share_snapshot.remote(snapshot_id))
                     batch.cross_actor_restores += 1
                 session = conv.sessions[t_pos].index
-                local_refs.append(self.workers[target].run_local.remote(conv, session, snapshot_id, anchor, r.m_local, step))
-        for group, stats, forks in ray.get(local_refs):
+                refs.append(self.workers[target].run_local.remote(conv, session, snapshot_id, anchor, r.m_local, step))
+        for group, stats, forks in ray.get(refs):
             batch.local_groups += 1
             batch.snapshot_forks += forks
             batch.episodes += forks
             _merge(batch.stats, stats)
             self._keep(batch, group)
         ray.get([w.release_snapshots.remote() for w in self.workers])
-        batch.wall_s = time.perf_counter() - start
-        return batch
+        batch.wall_s += time.perf_counter() - start
 
     def _take_global(self, batch: RolloutBatch, result: GlobalResult) -> None:
         batch.episodes += len(result.snapshots)
+        batch.snapshots.append(result.snapshots)
         batch.final_f1 += [s.f1 for s in result.final_scores]
         batch.m_fail += [s.m_fail for s in result.final_scores]
         _merge(batch.stats, result.stats)
@@ -103,6 +120,7 @@ class RolloutPool:
 
     @staticmethod
     def _keep(batch: RolloutBatch, group: Group) -> None:
+        batch.policy_versions.add(group.policy_version)
         if group.degenerate():
             batch.degenerate_groups += 1
         else:
@@ -120,12 +138,6 @@ class RolloutPool:
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)
-
-
-def _as_completed(refs: list):
-    while refs:
-        done, refs = ray.wait(refs, num_returns=1)
-        yield done[0]
 
 
 def _merge(into: LaneStats, other: LaneStats) -> None:

@@ -14,6 +14,7 @@ import ray
 import torch
 
 from actors.answer_agent import make_answer_agent
+from actors.engines.base import SamplingSpec
 from actors.engines.factory import make_engine
 from actors.episode import EpisodeRunner
 from actors.groups import GlobalResult, Group, GroupCollector, LaneStats
@@ -65,6 +66,12 @@ class RolloutWorker:
         weights = ray.get(wrapped_weights[0])
         self.engine.load_weights(weights.items(), version)
         return version
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        return self.engine.generate([prompt], SamplingSpec(temperature=0.0, max_new_tokens=max_new_tokens))[0].token_ids
+
+    def weight_fingerprint(self) -> str:
+        return self.engine.weight_fingerprint()
 
     def pull_latest_policy(self) -> int:
         """Catch up with the published policy (a worker that started or restarted late)."""

@@ -125,7 +125,8 @@ class LearnerConfig(Section):
     mini_batch: int = Field(16, ge=1)
     micro_batch: int = Field(4, ge=1)
     grad_clip: float = Field(1.0, gt=0)
-    weight_sync: Literal["auto", "object_store", "gloo", "nccl"] = "auto"
+    # auto: an NCCL group with the vLLM workers on GPU, the Ray object store on CPU
+    weight_sync: Literal["auto", "object_store", "nccl"] = "auto"
 
     @model_validator(mode="after")
     def _micro_divides_mini(self) -> LearnerConfig:
@@ -142,6 +143,26 @@ class Stage(Section):
 class CurriculumConfig(Section):
     stages: list[Stage] = [Stage(horizon=8, epochs=10), Stage(horizon=16, epochs=5), Stage(horizon=32, epochs=5)]
     val_every: int = Field(1, ge=1)  # validate every N epochs
+
+
+class WarmstartConfig(Section):
+    """Supervised warm start on a synthetic world's gold facts and operations (`memr2 warmstart`),
+    for models too small to produce a parsable output before RL can move them."""
+
+    enabled: bool = False
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    mini_batch: int = Field(8, ge=1)
+    micro_batch: int = Field(8, ge=1)
+    # A world of its own, many conversations seen once or twice: with only the RL conversations a
+    # small model memorises their facts instead of learning to copy facts out of the dialogue.
+    synth: SynthConfig = SynthConfig(conversations=256, sessions=4, seed=1000, val_conversations=0)
+
+
+class TrainConfig(Section):
+    conversations_per_step: int = Field(2, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # stop early (the run resumes from there with --resume)
+    warmstart: WarmstartConfig = WarmstartConfig()
 
 
 class ClusterConfig(Section):
@@ -168,6 +189,7 @@ class Config(Section):
     algo: AlgoConfig = AlgoConfig()
     learner: LearnerConfig = LearnerConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
+    train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
     metrics: MetricsConfig = MetricsConfig()
 

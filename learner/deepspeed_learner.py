@@ -72,21 +72,30 @@ class Learner:
         return pa.concat_tables(done)
 
     def train(self, tables: Sequence[pa.Table]) -> dict[str, float]:
-        """One LoGo-GRPO update over a batch of group tables; rank 0's (already all-reduced) metrics."""
-        batch = self.prepare(tables)
+        """Advantages per group, then one LoGo-GRPO update."""
+        return self.update(self.prepare(tables))
+
+    def update(self, batch: pa.Table, objective: str = "logo_grpo") -> dict[str, float]:
+        """One update over rows that carry their advantages; rank 0's (all-reduced) metrics.
+        objective "sft" (the warm start) maximises the responses' token-mean log-likelihood."""
         shards = split_round_robin(batch, self.cfg.num_ranks)
         n_mini = mini_batches_per_epoch(batch.num_rows, self.cfg.mini_batch)
         seed = self.seed * 1_000_003 + self.train_calls
-        results = ray.get([r.train.remote(s, n_mini, seed) for r, s in zip(self.ranks, shards)])
+        results = ray.get([r.train.remote(s, n_mini, seed, objective) for r, s in zip(self.ranks, shards)])
         self.train_calls += 1
         self.version += 1
         metrics = dict(results[0])
         metrics["train_s_max"] = max(m["train_s"] for m in results)  # the slowest rank sets the pace
-        metrics["groups"] = float(len(tables))
+        metrics["groups"] = float(len(set(batch["group_id"].to_pylist())))
         lag = self.version - 1 - pc.min(batch["policy_version"]).as_py()  # updates since the oldest row
         metrics["policy_lag_max"] = float(lag)
         metrics["policy_version"] = float(self.version)
         return metrics
+
+    def publish_weights(self) -> list:
+        """The full weights put in the object store by rank 0 (every rank joins: ZeRO-3 gathers);
+        returned wrapped in a list so the ref, not the weights, travels to the rollout workers."""
+        return next(w for w in ray.get([r.put_state_dict.remote() for r in self.ranks]) if w is not None)
 
     # ------------------------------------------------------------------ weights
 

@@ -23,6 +23,7 @@ from common.config import AlgoConfig, LearnerConfig
 from learner import engine as eng
 from learner.batching import Rows, plan_epoch
 from learner.logo_grpo import logo_grpo_loss, pool_weights
+from learner.sft import sft_loss
 from learner.logprobs import pack, packed_logprobs, response_logprobs
 
 # Metrics pooled per mini-batch (summed over micro-batches and ranks) and per-sample means.
@@ -71,8 +72,11 @@ class LearnerRank:
 
     # ------------------------------------------------------------------ training
 
-    def train(self, shard: pa.Table, n_mini: int, seed: int) -> dict[str, float]:
+    def train(self, shard: pa.Table, n_mini: int, seed: int, objective: str = "logo_grpo") -> dict[str, float]:
         """`ppo_epochs` epochs of `n_mini` optimizer steps over this rank's shard."""
+        if objective not in ("logo_grpo", "sft"):
+            raise ValueError(f"unknown objective {objective!r}")
+        self.objective = objective
         start = time.perf_counter()
         rows = Rows.from_table(shard)
         sums = dict.fromkeys(POOLED + PER_SAMPLE + ("grad_norm",), 0.0)
@@ -125,7 +129,10 @@ class LearnerRank:
         adv = torch.tensor(rows.advantages, dtype=torch.float32, device=device)
         is_local = torch.tensor(rows.is_local, device=device)
         weights = pool_weights(is_local.cpu(), self.algo.local_weight, *counts).to(device)
-        loss, m = logo_grpo_loss(new, old, packed.response_mask, adv, is_local, self.algo, ref, entropy, weights)
+        if self.objective == "sft":
+            loss, m = sft_loss(new, packed.response_mask, weights, entropy)
+        else:
+            loss, m = logo_grpo_loss(new, old, packed.response_mask, adv, is_local, self.algo, ref, entropy, weights)
         self.engine.backward(loss * self.world, scale_wrt_gas=False)
         sums["loss"] += float(loss.detach())
         for k in POOLED[1:]:
@@ -158,6 +165,10 @@ class LearnerRank:
         """Full HF-named CPU weights on rank 0 (every rank must call it: ZeRO-3 gathers)."""
         state = eng.full_state_dict(self.engine)
         return state if (self.rank == 0 or on_every_rank) else None
+
+    def put_state_dict(self) -> list | None:
+        state = eng.full_state_dict(self.engine)
+        return [ray.put(state)] if self.rank == 0 else None
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)

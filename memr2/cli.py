@@ -75,6 +75,29 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from common.config import load_config
+    from learner.train import run
+
+    summary = run(load_config(args.config, args.overrides), resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_warmstart(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from actors.cluster import init_ray
+    from actors.models import resolve_model
+    from common.config import load_config
+    from learner.warmstart import run_warmstart
+
+    cfg = load_config(args.config, args.overrides)
+    init_ray(cfg.cluster, cpus_needed=cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
+    print(json.dumps(run_warmstart(cfg, resolve_model(cfg.model.name), Path(args.out))))
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from actors.models import resolve_model
 
@@ -119,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--smoke", action="store_true", help="the embedded default at smoke size (1 conversation, 4 sessions, n=4, m=2)")
     rollout.add_argument("--json", action="store_true")
     rollout.set_defaults(fn=_cmd_rollout)
+
+    train = sub.add_parser("train", help="LoGo-GRPO training: rollouts, local rerollouts, update, weight sync, curriculum")
+    _add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue the run named by metrics.run_name from its last step")
+    train.set_defaults(fn=_cmd_train)
+
+    warm = sub.add_parser("warmstart", help="supervised warm start on a synthetic world's gold facts and operations")
+    _add_config_args(warm)
+    warm.add_argument("--out", required=True, help="folder for the warm-started checkpoint")
+    warm.set_defaults(fn=_cmd_warmstart)
 
     models = sub.add_parser("models", help="build an offline model (tiny, smollm2) on first use and print its folder")
     models.add_argument("name", choices=["tiny", "smollm2"])

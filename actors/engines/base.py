@@ -44,3 +44,7 @@ class Engine(Protocol):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Replace the weights in place with a Hugging Face-named state dict; record `version`."""
         ...
+
+    def weight_fingerprint(self) -> str:
+        """A digest of the weights as held; equal digests mean bit-identical weights."""
+        ...

@@ -59,6 +59,9 @@ class HFEngine(ChatEngineBase):
         lps = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         return [self._finish(new[i].tolist(), lps[i].tolist(), budgets[i]) for i in range(len(prompts))]
 
+    def weight_fingerprint(self) -> str:
+        return self.fingerprint(self.model.state_dict().items())
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         state = dict(weights)

@@ -86,6 +86,10 @@ class VLLMEngine(ChatEngineBase):
             gens.append(self._finish(ids, lps, budget))
         return gens
 
+    def weight_fingerprint(self) -> str:
+        """Digest of the weights as vLLM holds them (its own fused names and padded shapes)."""
+        return self.llm.apply_model(lambda model: self.fingerprint(model.state_dict().items()))[0]
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         # Cached prefix KV blocks were computed by the old weights: drop them or new rollouts would

@@ -1,0 +1,46 @@
+"""Per-step metrics: one JSON line each in the run's metrics.jsonl, and Prometheus gauges.
+
+Gauges go through `ray.util.metrics`, so they appear on every node's Ray metrics export port as
+`ray_memr2_<name>` and Prometheus scrapes them with the rest of the cluster (deploy/prometheus.yml).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# The series the Grafana dashboard plots; every other key only goes to metrics.jsonl.
+GAUGES = (
+    "reward_mean", "val_f1", "format_failures", "degenerate_groups", "tokens_per_s", "step_time_s",
+    "rollout_s", "update_s", "sync_s", "loss", "kl", "entropy", "clip_frac", "m_fail_mean", "policy_version",
+)
+
+
+class MetricsLog:
+    def __init__(self, path: Path, prometheus: bool) -> None:
+        self.path = path
+        self._gauges: dict[str, Any] = {}
+        if prometheus:
+            from ray.util.metrics import Gauge
+
+            self._gauges = {k: Gauge(f"memr2_{k}", description=f"memr2 training: {k}", tag_keys=("run",)) for k in GAUGES}
+
+    def write(self, row: dict[str, Any], run: str) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, gauge in self._gauges.items():
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                gauge.set(float(value), tags={"run": run})
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows of steps the checkpoint does not cover (a kill mid-step)."""
+        kept = [r for r in self.rows() if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -1,0 +1,164 @@
+"""`memr2 train`: LoGo-GRPO over a curriculum of horizons, on Ray rollout actors and a DeepSpeed
+learner (DESIGN §3-§4). `train_step` is the whole algorithm of one step; the rest is bookkeeping:
+validation, the curriculum, checkpoints that resume to the identical next step, and outputs.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import statistics
+import time
+
+import ray
+from tqdm import tqdm
+
+from actors.cluster import init_ray
+from actors.episode import request_seed
+from actors.pool import RolloutPool
+from common.config import Config
+from common.data import load_dataset, split
+from common.types import Conversation
+from learner.deepspeed_learner import Learner
+from learner.run_outputs import RunDir, TrainState
+from learner.warmstart import warm_model
+from learner.weight_sync import sync_mode, sync_weights
+
+
+def train_step(pool: RolloutPool, learner: Learner, conversations: list[Conversation], horizon: int, step: int, sync: str) -> dict:
+    t0 = time.perf_counter()
+    batch = pool.rollouts(conversations, horizon, step)  # n global rollouts each; rewards r_G(i, t)
+    pool.local_rerollouts(batch, step)  # m branches from anchor snapshots M_{t-1}; rewards r_L
+    t1 = time.perf_counter()
+    update = {}
+    if batch.groups:  # groups whose rewards all tie carry no signal: dropped (and counted) above
+        tables = ray.get([g.table for g in batch.groups])
+        rows = learner.prepare(tables)  # advantages: z-scores within each global and local group
+        update = learner.update(rows)  # the LoGo-GRPO update
+    t2 = time.perf_counter()
+    sync_s = sync_weights(learner, pool, sync) if update else 0.0  # new weights, new policy version
+    s = batch.stats
+    rewards = [r for g in batch.groups for r in g.rewards] or [0.0]
+    return {
+        "reward_mean": statistics.fmean(rewards),
+        "final_f1_mean": statistics.fmean(batch.final_f1) if batch.final_f1 else 0.0,
+        "m_fail_mean": statistics.fmean(batch.m_fail) if batch.m_fail else 0.0,
+        "format_failures": s.format_failures,
+        "rejected_items": s.rejected_items,
+        "global_groups": batch.global_groups,
+        "local_groups": batch.local_groups,
+        "degenerate_groups": batch.degenerate_groups,
+        "generated_tokens": s.generated_tokens,
+        "tokens_per_s": s.generated_tokens / max(t1 - t0, 1e-9),
+        "rollout_s": t1 - t0,
+        "update_s": t2 - t1,
+        "sync_s": sync_s,
+        "step_time_s": time.perf_counter() - t0,
+        **{k: update[k] for k in ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "policy_version") if k in update},
+    }
+
+
+def validate(pool: RolloutPool, conversations: list[Conversation], horizon: int) -> dict:
+    scores = pool.evaluate(conversations, horizon)
+    return {"val_f1": statistics.fmean(s.f1 for s in scores), "val_m_fail": statistics.fmean(s.m_fail for s in scores)}
+
+
+def epoch_batches(conversations: list[Conversation], per_step: int, seed: int, stage: int, epoch: int) -> list[list[Conversation]]:
+    order = list(conversations)
+    random.Random(request_seed(seed, "epoch", stage, epoch)).shuffle(order)
+    return [order[i : i + per_step] for i in range(0, len(order), per_step)]
+
+
+def run(cfg: Config, resume: bool = False) -> dict:
+    start = time.perf_counter()
+    out = RunDir(cfg, resume)
+    init_ray(cfg.cluster, cpus_needed=_cpus_needed(cfg))
+    data = split(load_dataset(cfg.data), cfg.data)
+    model_dir, warm = warm_model(cfg, out.path)
+    stages = cfg.curriculum.stages
+    val_horizon = stages[-1].horizon  # every validation on the final task, so all are comparable
+    learner = Learner(str(model_dir), cfg.algo, cfg.learner, cfg.seed)
+    pool = RolloutPool(cfg)
+    sync = sync_mode(cfg.learner.weight_sync)
+    state = TrainState()
+    if resume:
+        state = out.load_state()
+        learner.load_checkpoint(str(out.checkpoints), state.checkpoint)
+        out.metrics.truncate_after(state.step)
+    sync_weights(learner, pool, sync)  # engines start from the learner's weights, version stamped
+    if state.val_f1_start is None:
+        state.val_f1_start = _validate(out, pool, data["val"], val_horizon, state, stages)
+    total = sum(len(epoch_batches(data["train"], cfg.train.conversations_per_step, 0, 0, 0)) * s.epochs for s in stages)
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step")
+    while state.stage < len(stages) and not _stop(cfg, state):
+        stage = stages[state.stage]
+        batches = epoch_batches(data["train"], cfg.train.conversations_per_step, cfg.seed, state.stage, state.epoch)
+        while state.batch < len(batches) and not _stop(cfg, state):
+            row = train_step(pool, learner, batches[state.batch], stage.horizon, state.step, sync)
+            state.step, state.batch = state.step + 1, state.batch + 1
+            out.metrics.write({"step": state.step, "stage": state.stage, "horizon": stage.horizon, **row}, out.name)
+            bar.update()
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", val=f"{state.val_f1_last or 0:.3f}")
+            epoch_done = state.batch == len(batches)
+            if epoch_done:  # moves on to the next epoch, maybe the next stage
+                _end_epoch(cfg, out, pool, learner, data["val"], val_horizon, state, sync)
+            _checkpoint(out, learner, state)
+            if epoch_done:
+                break
+    bar.close()
+    summary = {
+        "run": out.name,
+        "steps": state.step,
+        "val_f1_start": state.val_f1_start,
+        "val_f1_end": state.val_f1_last,
+        "val_f1_best": state.best_val_f1,
+        "warmstart": warm,
+        "wall_s": time.perf_counter() - start,
+    }
+    out.write_summary(summary)
+    out.plot()
+    pool.shutdown()
+    learner.shutdown()
+    return summary
+
+
+def _cpus_needed(cfg: Config) -> float:
+    return cfg.rollout.num_actors * cfg.rollout.cpus_per_actor + cfg.learner.num_ranks * cfg.learner.cpus_per_rank
+
+
+def _stop(cfg: Config, state: TrainState) -> bool:
+    return cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
+
+
+def _end_epoch(cfg, out, pool, learner, val, val_horizon, state, sync) -> None:
+    """Validate, keep the best checkpoint of the stage, and start the next stage from it."""
+    state.epoch, state.batch = state.epoch + 1, 0
+    stage = cfg.curriculum.stages[state.stage]
+    if state.epoch % cfg.curriculum.val_every == 0 or state.epoch == stage.epochs:
+        f1 = _validate(out, pool, val, val_horizon, state, cfg.curriculum.stages)
+        if state.best_val_f1 is None or f1 > state.best_val_f1:
+            state.best_val_f1, state.best_tag = f1, f"best-stage{state.stage}"
+            learner.save_checkpoint(str(out.checkpoints), state.best_tag)
+    if state.epoch == stage.epochs:
+        state.stage, state.epoch = state.stage + 1, 0
+        if state.stage < len(cfg.curriculum.stages) and state.best_tag:
+            learner.load_checkpoint(str(out.checkpoints), state.best_tag)
+            sync_weights(learner, pool, sync)
+
+
+def _validate(out: RunDir, pool: RolloutPool, val: list[Conversation], horizon: int, state: TrainState, stages) -> float:
+    result = validate(pool, val, horizon)
+    state.val_f1_last = result["val_f1"]
+    state.validations.append({"step": state.step, **result})
+    out.metrics.write({"step": state.step, "stage": state.stage, "horizon": horizon, **result}, out.name)
+    return result["val_f1"]
+
+
+def _checkpoint(out: RunDir, learner: Learner, state: TrainState) -> None:
+    """Weights first under a new tag, then the state naming it: a kill at any point resumes from a
+    state and weights of the same step. The previous step's weights are then removed."""
+    previous, state.checkpoint = state.checkpoint, f"step{state.step}"
+    learner.save_checkpoint(str(out.checkpoints), state.checkpoint)
+    out.save_state(state)
+    if previous and previous != state.checkpoint:
+        shutil.rmtree(out.checkpoints / previous, ignore_errors=True)

@@ -1,0 +1,36 @@
+"""Weights from the learner to every rollout engine after each update (DESIGN §4).
+
+object_store (CPU, and any cluster): learner rank 0 puts the full HF-named state dict in the Ray
+object store once; the policy store records (version, ref) for late or restarted workers; every
+live worker loads it in place (`reload_weights` in vLLM) and stamps the new version on what it
+generates from then on.
+nccl (GPU): the same protocol, but the tensors travel by NCCL broadcast from rank 0 straight into
+the vLLM workers (see `NcclWeightSync`), not through the object store.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from actors.pool import RolloutPool
+from learner.deepspeed_learner import Learner
+
+
+def sync_mode(configured: str) -> str:
+    if configured != "auto":
+        return configured
+    return "nccl" if torch.cuda.is_available() else "object_store"
+
+
+def sync_weights(learner: Learner, pool: RolloutPool, mode: str = "object_store") -> float:
+    """Push the learner's current weights to every engine; returns the seconds it took."""
+    start = time.perf_counter()
+    if mode == "nccl":
+        raise NotImplementedError("learner.weight_sync=nccl: the NCCL group with the vLLM workers is not built yet; use object_store")
+    wrapped = learner.publish_weights()
+    ray.get(pool.policy_store.publish.remote(learner.version, wrapped))
+    pool.load_weights(wrapped, learner.version)
+    return time.perf_counter() - start
