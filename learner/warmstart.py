@@ -10,6 +10,7 @@ measured on it, so the RL gain is reported separately from the warm start's.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -51,10 +52,12 @@ def run_warmstart(cfg: Config, base: Path, out: Path) -> dict:
     rows = sft_rows(cfg, base, conversations)
     learner_cfg = cfg.learner.model_copy(update={"lr": ws.lr, "mini_batch": ws.mini_batch, "micro_batch": ws.micro_batch, "ppo_epochs": 1})
     algo = cfg.algo.model_copy(update={"kl_beta": 0.0})  # no reference model for a likelihood loss
+    print(f"warm start: {rows.num_rows} examples from {len(conversations)} synthetic conversations, {ws.epochs} epoch(s)", file=sys.stderr)
     losses = []
     with Learner(str(base), algo, learner_cfg, cfg.seed) as learner:
         for _ in range(ws.epochs):
             losses.append(learner.update(rows, objective="sft")["loss"])
+            print(f"warm start: epoch {len(losses)}/{ws.epochs} loss {losses[-1]:.3f}", file=sys.stderr)
         learner.save_pretrained(str(out))
     return {
         "examples": rows.num_rows,

@@ -4,8 +4,9 @@ object_store (CPU, and any cluster): learner rank 0 puts the full HF-named state
 object store once; the policy store records (version, ref) for late or restarted workers; every
 live worker loads it in place (`reload_weights` in vLLM) and stamps the new version on what it
 generates from then on.
-nccl (GPU): the same protocol, but the tensors travel by NCCL broadcast from rank 0 straight into
-the vLLM workers (see `NcclWeightSync`), not through the object store.
+nccl (GPU): meant to broadcast the tensors from rank 0 straight into the vLLM workers over an
+NCCL group instead of the object store. Not built yet: `auto` therefore means object_store on GPU
+clusters too (correct, but a 7B state dict then crosses the object store once per update).
 """
 
 from __future__ import annotations
@@ -13,16 +14,13 @@ from __future__ import annotations
 import time
 
 import ray
-import torch
 
 from actors.pool import RolloutPool
 from learner.deepspeed_learner import Learner
 
 
 def sync_mode(configured: str) -> str:
-    if configured != "auto":
-        return configured
-    return "nccl" if torch.cuda.is_available() else "object_store"
+    return "object_store" if configured == "auto" else configured
 
 
 def sync_weights(learner: Learner, pool: RolloutPool, mode: str = "object_store") -> float:

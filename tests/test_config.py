@@ -7,7 +7,7 @@ def test_defaults_are_the_reference_hyperparameters():
     cfg = Config()
     assert (cfg.algo.local_prob, cfg.algo.clip_eps, cfg.algo.dual_clip) == (0.5, 0.2, 3.0)
     assert (cfg.algo.kl_beta, cfg.algo.entropy_eta, cfg.reward.alpha, cfg.reward.lam) == (0.001, 0.001, 0.7, 0.3)
-    assert [s.horizon for s in cfg.curriculum.stages] == [8, 16, 32]
+    assert [s.horizon for s in cfg.curriculum.stages] == [2, 4]  # the embedded default's short curriculum
 
 
 def test_yaml_then_dotted_overrides(tmp_path):
@@ -60,4 +60,5 @@ def test_the_shipped_paper_config_loads_with_the_papers_numbers():
     cfg = load_config(Path(__file__).resolve().parents[1] / "deploy" / "paper.yaml")
     assert (cfg.rollout.n_global, cfg.rollout.m_local, cfg.rollout.chunks_per_session, cfg.memory.related_top_k) == (16, 4, 6, 25)
     assert (cfg.learner.lr, cfg.learner.ppo_epochs, cfg.learner.mini_batch) == (2e-6, 2, 16)
+    assert [(s.horizon, s.epochs) for s in cfg.curriculum.stages] == [(8, 10), (16, 5), (32, 5)]
     assert cfg.reward.answer_agent.kind == "openai" and cfg.data.source == "locomo"

@@ -23,7 +23,7 @@ WARM = [*WORLD, "train.warmstart.synth.seed=0", "train.warmstart.synth.conversat
         "train.warmstart.mini_batch=4", "train.warmstart.micro_batch=4"]
 RUN = [*WORLD, "rollout.n_global=4", "rollout.m_local=2", "rollout.max_new_tokens=192", "rollout.num_actors=2",
        "algo.local_prob=1.0", "train.conversations_per_step=1", "train.max_steps=3", "curriculum.stages=[{horizon: 2, epochs: 3}]",
-       "learner.mini_batch=8", "learner.micro_batch=4", "learner.lr=1e-5", "metrics.prometheus=false"]
+       "learner.mini_batch=8", "learner.micro_batch=4", "learner.lr=1e-5", "metrics.prometheus=false", "train.warmstart.enabled=false"]
 
 
 def memr2(*args, **kw):
