@@ -38,6 +38,7 @@ class RolloutBatch:
     m_fail: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     policy_versions: set[int] = field(default_factory=set)  # of every group, kept or not
+    rewards: list[float] = field(default_factory=list)  # of every rollout and branch, kept or not
     anchors: list[tuple[int, Conversation]] = field(default_factory=list)  # (owner worker, conversation)
     snapshots: list[list[list[str]]] = field(default_factory=list)  # per conversation: [rollout][t-1]
 
@@ -121,6 +122,7 @@ class RolloutPool:
     @staticmethod
     def _keep(batch: RolloutBatch, group: Group) -> None:
         batch.policy_versions.add(group.policy_version)
+        batch.rewards += group.rewards
         if group.degenerate():
             batch.degenerate_groups += 1
         else:

@@ -50,7 +50,6 @@ def run_rollouts(cfg: Config) -> dict:
 
 def summarize(batch: RolloutBatch, engine: str, actors: int) -> dict:
     s = batch.stats
-    rewards = [r for g in batch.groups for r in g.rewards]
     return {
         "engine": engine,
         "actors": actors,
@@ -65,7 +64,7 @@ def summarize(batch: RolloutBatch, engine: str, actors: int) -> dict:
         "degenerate_groups": batch.degenerate_groups,
         "snapshot_forks": batch.snapshot_forks,
         "cross_actor_restores": batch.cross_actor_restores,
-        "reward_mean": statistics.fmean(rewards) if rewards else 0.0,
+        "reward_mean": statistics.fmean(batch.rewards) if batch.rewards else 0.0,
         "final_f1_mean": statistics.fmean(batch.final_f1) if batch.final_f1 else 0.0,
         "m_fail_mean": statistics.fmean(batch.m_fail) if batch.m_fail else 0.0,
         "collect_s": batch.wall_s,

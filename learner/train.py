@@ -38,9 +38,8 @@ def train_step(pool: RolloutPool, learner: Learner, conversations: list[Conversa
     t2 = time.perf_counter()
     sync_s = sync_weights(learner, pool, sync) if update else 0.0  # new weights, new policy version
     s = batch.stats
-    rewards = [r for g in batch.groups for r in g.rewards] or [0.0]
     return {
-        "reward_mean": statistics.fmean(rewards),
+        "reward_mean": statistics.fmean(batch.rewards) if batch.rewards else 0.0,  # degenerate groups too
         "final_f1_mean": statistics.fmean(batch.final_f1) if batch.final_f1 else 0.0,
         "m_fail_mean": statistics.fmean(batch.m_fail) if batch.m_fail else 0.0,
         "format_failures": s.format_failures,
