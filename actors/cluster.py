@@ -22,14 +22,14 @@ def init_ray(cfg: ClusterConfig, cpus_needed: float = 0) -> None:
     competing for its cores."""
     if ray.is_initialized():
         return
-    num_cpus = None
-    if cfg.address is None:
-        num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed))
+    local = cfg.address is None and not os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
     ray.init(
         address=cfg.address,
-        num_cpus=num_cpus,
-        runtime_env={"env_vars": ACTOR_ENV},
-        include_dashboard=False if cfg.address is None else None,
+        num_cpus=(cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed))) if local else None,
+        # A job joining a cluster brings its own runtime env (deploy/runtime_env.yaml sets the same
+        # variables); Ray refuses to merge a second one into it.
+        runtime_env={"env_vars": ACTOR_ENV} if local else None,
+        include_dashboard=False if local else None,
         log_to_driver=cfg.log_to_driver,
         configure_logging=False,
     )
