@@ -22,10 +22,10 @@ from common.types import Conversation
 from learner.deepspeed_learner import Learner
 from learner.run_outputs import RunDir, TrainState
 from learner.warmstart import warm_model
-from learner.weight_sync import sync_mode, sync_weights
+from learner.weight_sync import check_sync_mode, sync_weights
 
 
-def train_step(pool: RolloutPool, learner: Learner, conversations: list[Conversation], horizon: int, step: int, sync: str) -> dict:
+def train_step(pool: RolloutPool, learner: Learner, conversations: list[Conversation], horizon: int, step: int) -> dict:
     t0 = time.perf_counter()
     batch = pool.rollouts(conversations, horizon, step)  # n global rollouts each; rewards r_G(i, t)
     pool.local_rerollouts(batch, step)  # m branches from anchor snapshots M_{t-1}; rewards r_L
@@ -36,7 +36,7 @@ def train_step(pool: RolloutPool, learner: Learner, conversations: list[Conversa
         rows = learner.prepare(tables)  # advantages: z-scores within each global and local group
         update = learner.update(rows)  # the LoGo-GRPO update
     t2 = time.perf_counter()
-    sync_s = sync_weights(learner, pool, sync) if update else 0.0  # new weights, new policy version
+    sync_s = sync_weights(learner, pool) if update else 0.0  # new weights, new policy version
     s = batch.stats
     return {
         "reward_mean": statistics.fmean(batch.rewards) if batch.rewards else 0.0,  # degenerate groups too
@@ -70,6 +70,7 @@ def epoch_batches(conversations: list[Conversation], per_step: int, seed: int, s
 
 def run(cfg: Config, resume: bool = False) -> dict:
     start = time.perf_counter()
+    check_sync_mode(cfg.learner.weight_sync)
     out = RunDir(cfg, resume)
     init_ray(cfg.cluster, cpus_needed=_cpus_needed(cfg))
     data = split(load_dataset(cfg.data), cfg.data)
@@ -78,13 +79,12 @@ def run(cfg: Config, resume: bool = False) -> dict:
     val_horizon = stages[-1].horizon  # every validation on the final task, so all are comparable
     learner = Learner(str(model_dir), cfg.algo, cfg.learner, cfg.seed)
     pool = RolloutPool(cfg)
-    sync = sync_mode(cfg.learner.weight_sync)
     state = TrainState()
     if resume:
         state = out.load_state()
         learner.load_checkpoint(str(out.checkpoints), state.checkpoint)
         out.metrics.truncate_after(state.step)
-    sync_weights(learner, pool, sync)  # engines start from the learner's weights, version stamped
+    sync_weights(learner, pool)  # engines start from the learner's weights, version stamped
     if state.val_f1_start is None:
         state.val_f1_start = _validate(out, pool, data["val"], val_horizon, state, stages)
     total = sum(len(epoch_batches(data["train"], cfg.train.conversations_per_step, 0, 0, 0)) * s.epochs for s in stages)
@@ -93,14 +93,14 @@ def run(cfg: Config, resume: bool = False) -> dict:
         stage = stages[state.stage]
         batches = epoch_batches(data["train"], cfg.train.conversations_per_step, cfg.seed, state.stage, state.epoch)
         while state.batch < len(batches) and not _stop(cfg, state):
-            row = train_step(pool, learner, batches[state.batch], stage.horizon, state.step, sync)
+            row = train_step(pool, learner, batches[state.batch], stage.horizon, state.step)
             state.step, state.batch = state.step + 1, state.batch + 1
             out.metrics.write({"step": state.step, "stage": state.stage, "horizon": stage.horizon, **row}, out.name)
             bar.update()
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", val=f"{state.val_f1_last or 0:.3f}")
             epoch_done = state.batch == len(batches)
             if epoch_done:  # moves on to the next epoch, maybe the next stage
-                _end_epoch(cfg, out, pool, learner, data["val"], val_horizon, state, sync)
+                _end_epoch(cfg, out, pool, learner, data["val"], val_horizon, state)
             _checkpoint(out, learner, state)
             if epoch_done:
                 break
@@ -129,7 +129,7 @@ def _stop(cfg: Config, state: TrainState) -> bool:
     return cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
 
 
-def _end_epoch(cfg, out, pool, learner, val, val_horizon, state, sync) -> None:
+def _end_epoch(cfg, out, pool, learner, val, val_horizon, state) -> None:
     """Validate, keep the best checkpoint of the stage, and start the next stage from it."""
     state.epoch, state.batch = state.epoch + 1, 0
     stage = cfg.curriculum.stages[state.stage]
@@ -142,7 +142,7 @@ def _end_epoch(cfg, out, pool, learner, val, val_horizon, state, sync) -> None:
         state.stage, state.epoch = state.stage + 1, 0
         if state.stage < len(cfg.curriculum.stages) and state.best_tag:
             learner.load_checkpoint(str(out.checkpoints), state.best_tag)
-            sync_weights(learner, pool, sync)
+            sync_weights(learner, pool)
 
 
 def _validate(out: RunDir, pool: RolloutPool, val: list[Conversation], horizon: int, state: TrainState, stages) -> float:

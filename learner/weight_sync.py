@@ -19,15 +19,15 @@ from actors.pool import RolloutPool
 from learner.deepspeed_learner import Learner
 
 
-def sync_mode(configured: str) -> str:
-    return "object_store" if configured == "auto" else configured
+def check_sync_mode(configured: str) -> None:
+    """Every mode but nccl is the object store today; nccl fails here, before anything starts."""
+    if configured == "nccl":
+        raise ValueError("learner.weight_sync=nccl: the NCCL group with the vLLM workers is not built yet; use auto or object_store")
 
 
-def sync_weights(learner: Learner, pool: RolloutPool, mode: str = "object_store") -> float:
+def sync_weights(learner: Learner, pool: RolloutPool) -> float:
     """Push the learner's current weights to every engine; returns the seconds it took."""
     start = time.perf_counter()
-    if mode == "nccl":
-        raise NotImplementedError("learner.weight_sync=nccl: the NCCL group with the vLLM workers is not built yet; use object_store")
     wrapped = learner.publish_weights()
     ray.get(pool.policy_store.publish.remote(learner.version, wrapped))
     pool.load_weights(wrapped, learner.version)
