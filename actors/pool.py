@@ -9,6 +9,7 @@ anchor's, which then restores the anchor's snapshot by id through the registry.
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -41,6 +42,27 @@ class RolloutBatch:
     rewards: list[float] = field(default_factory=list)  # of every rollout and branch, kept or not
     anchors: list[tuple[int, Conversation]] = field(default_factory=list)  # (owner worker, conversation)
     snapshots: list[list[list[str]]] = field(default_factory=list)  # per conversation: [rollout][t-1]
+
+
+    def summary(self) -> dict:
+        """The batch's numbers, as `memr2 rollout` prints them and every training step logs them."""
+        s = self.stats
+        return {
+            "episodes": self.episodes,
+            "steps": s.steps,
+            "generated_tokens": s.generated_tokens,
+            "tokens_per_s": s.generated_tokens / self.wall_s if self.wall_s else 0.0,
+            "format_failures": s.format_failures,
+            "rejected_items": s.rejected_items,
+            "global_groups": self.global_groups,
+            "local_groups": self.local_groups,
+            "degenerate_groups": self.degenerate_groups,
+            "snapshot_forks": self.snapshot_forks,
+            "cross_actor_restores": self.cross_actor_restores,
+            "reward_mean": statistics.fmean(self.rewards) if self.rewards else 0.0,  # degenerate groups too
+            "final_f1_mean": statistics.fmean(self.final_f1) if self.final_f1 else 0.0,
+            "m_fail_mean": statistics.fmean(self.m_fail) if self.m_fail else 0.0,
+        }
 
 
 class RolloutPool:

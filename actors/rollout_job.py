@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from actors.cluster import init_ray
@@ -49,23 +48,4 @@ def run_rollouts(cfg: Config) -> dict:
 
 
 def summarize(batch: RolloutBatch, engine: str, actors: int) -> dict:
-    s = batch.stats
-    return {
-        "engine": engine,
-        "actors": actors,
-        "episodes": batch.episodes,
-        "steps": s.steps,
-        "generated_tokens": s.generated_tokens,
-        "tokens_per_s": s.generated_tokens / batch.wall_s if batch.wall_s else 0.0,
-        "format_failures": s.format_failures,
-        "rejected_items": s.rejected_items,
-        "global_groups": batch.global_groups,
-        "local_groups": batch.local_groups,
-        "degenerate_groups": batch.degenerate_groups,
-        "snapshot_forks": batch.snapshot_forks,
-        "cross_actor_restores": batch.cross_actor_restores,
-        "reward_mean": statistics.fmean(batch.rewards) if batch.rewards else 0.0,
-        "final_f1_mean": statistics.fmean(batch.final_f1) if batch.final_f1 else 0.0,
-        "m_fail_mean": statistics.fmean(batch.m_fail) if batch.m_fail else 0.0,
-        "collect_s": batch.wall_s,
-    }
+    return {"engine": engine, "actors": actors, **batch.summary(), "collect_s": batch.wall_s}

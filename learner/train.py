@@ -37,18 +37,8 @@ def train_step(pool: RolloutPool, learner: Learner, conversations: list[Conversa
         update = learner.update(rows)  # the LoGo-GRPO update
     t2 = time.perf_counter()
     sync_s = sync_weights(learner, pool) if update else 0.0  # new weights, new policy version
-    s = batch.stats
     return {
-        "reward_mean": statistics.fmean(batch.rewards) if batch.rewards else 0.0,  # degenerate groups too
-        "final_f1_mean": statistics.fmean(batch.final_f1) if batch.final_f1 else 0.0,
-        "m_fail_mean": statistics.fmean(batch.m_fail) if batch.m_fail else 0.0,
-        "format_failures": s.format_failures,
-        "rejected_items": s.rejected_items,
-        "global_groups": batch.global_groups,
-        "local_groups": batch.local_groups,
-        "degenerate_groups": batch.degenerate_groups,
-        "generated_tokens": s.generated_tokens,
-        "tokens_per_s": s.generated_tokens / max(t1 - t0, 1e-9),
+        **batch.summary(),
         "rollout_s": t1 - t0,
         "update_s": t2 - t1,
         "sync_s": sync_s,
@@ -86,7 +76,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
         out.metrics.truncate_after(state.step)
     sync_weights(learner, pool)  # engines start from the learner's weights, version stamped
     if state.val_f1_start is None:
-        state.val_f1_start = _validate(out, pool, data["val"], val_horizon, state, stages)
+        state.val_f1_start = _validate(out, pool, data["val"], val_horizon, state)
     total = sum(len(epoch_batches(data["train"], cfg.train.conversations_per_step, 0, 0, 0)) * s.epochs for s in stages)
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step")
     while state.stage < len(stages) and not _stop(cfg, state):
@@ -134,7 +124,7 @@ def _end_epoch(cfg, out, pool, learner, val, val_horizon, state) -> None:
     state.epoch, state.batch = state.epoch + 1, 0
     stage = cfg.curriculum.stages[state.stage]
     if state.epoch % cfg.curriculum.val_every == 0 or state.epoch == stage.epochs:
-        f1 = _validate(out, pool, val, val_horizon, state, cfg.curriculum.stages)
+        f1 = _validate(out, pool, val, val_horizon, state)
         if state.best_val_f1 is None or f1 > state.best_val_f1:
             state.best_val_f1, state.best_tag = f1, f"best-stage{state.stage}"
             learner.save_checkpoint(str(out.checkpoints), state.best_tag)
@@ -145,7 +135,7 @@ def _end_epoch(cfg, out, pool, learner, val, val_horizon, state) -> None:
             sync_weights(learner, pool)
 
 
-def _validate(out: RunDir, pool: RolloutPool, val: list[Conversation], horizon: int, state: TrainState, stages) -> float:
+def _validate(out: RunDir, pool: RolloutPool, val: list[Conversation], horizon: int, state: TrainState) -> float:
     result = validate(pool, val, horizon)
     state.val_f1_last = result["val_f1"]
     state.validations.append({"step": state.step, **result})
