@@ -173,6 +173,17 @@ def build_smollm2(out_dir: str | Path) -> Path:
 # resolving names
 
 
+def _tiny_revision() -> str:
+    """A digest of the code the tiny model is built from (its tokenizer is trained on the synthetic
+    world's text and the role prompts), so editing either builds a fresh one instead of reusing a
+    tokenizer that no longer matches the prompts."""
+    digest = hashlib.sha256()
+    sources = [Path(__file__), REPO_ROOT / "actors" / "prompts.py", *sorted((REPO_ROOT / "common" / "synth").glob("*.py"))]
+    for path in sources:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def default_models_dir(models_dir: str | Path | None = None) -> Path:
     return Path(models_dir or os.environ.get("MEMR2_MODELS_DIR") or REPO_ROOT / "models")
 
@@ -197,7 +208,7 @@ def resolve_model(name: str, models_dir: str | Path | None = None) -> Path:
             return _from_hub(name)
         raise ValueError(f"model {name!r} is neither 'tiny', 'smollm2', a checkpoint directory with config.json nor a hub id")
     root = default_models_dir(models_dir)
-    final = root / name
+    final = root / (f"tiny-{_tiny_revision()}" if name == "tiny" else name)
     if (final / "config.json").is_file():
         return final
     from filelock import FileLock

@@ -54,7 +54,7 @@ class ModelConfig(Section):
     # "tiny" and "smollm2" are built offline by `memr2 models`; anything else is a checkpoint dir.
     name: str = "tiny"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    prompt_size: Literal["compact", "full"] = "compact"
+    prompt_size: Literal["minimal", "compact", "full"] = "minimal"  # see actors.prompts
     max_prompt_tokens: int = Field(2048, ge=64)
 
 
@@ -122,6 +122,11 @@ class LearnerConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
     bf16: Literal["auto", "on", "off"] = "auto"
     lr: float = Field(1e-5, gt=0)  # the paper's 2e-6 is for 7B; deploy/paper.yaml sets it
+    # RL keeps lr constant (the reference); a warm start from random init needs warm-up and decay.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)  # optimizer steps of linear warm-up
+    lr_total_steps: int | None = Field(None, ge=1)  # cosine: decays to lr_min_ratio * lr at this step
+    lr_min_ratio: float = Field(0.1, ge=0, le=1)
     ppo_epochs: int = Field(2, ge=1)
     mini_batch: int = Field(16, ge=1)
     micro_batch: int = Field(4, ge=1)
@@ -153,7 +158,8 @@ class WarmstartConfig(Section):
 
     enabled: bool = True
     epochs: int = Field(1, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)  # peak: linear warm-up, then cosine decay to a tenth
+    warmup_steps: int = Field(30, ge=0)
     mini_batch: int = Field(8, ge=1)
     micro_batch: int = Field(8, ge=1)
     # A world of its own, many conversations seen once or twice: with only the RL conversations a

@@ -6,9 +6,11 @@ environment must be set first, and the driver (which never trains) should not pa
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,17 @@ def ds_config(cfg: LearnerConfig, world_size: int, bf16: bool) -> dict[str, Any]
     }
 
 
+def lr_factor(cfg: LearnerConfig, step: int) -> float:
+    """lr multiplier after `step` optimizer steps: linear warm-up, then constant or cosine decay."""
+    if step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    total = cfg.lr_total_steps or step + 1
+    progress = min(1.0, (step - cfg.lr_warmup_steps) / max(1, total - cfg.lr_warmup_steps))
+    return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def build_engine(model_dir: str, cfg: LearnerConfig, world_size: int, bf16: bool) -> Any:
     """Policy from `model_dir` wrapped in a DeepSpeed engine with a torch AdamW object.
 
@@ -103,8 +116,10 @@ def build_engine(model_dir: str, cfg: LearnerConfig, world_size: int, bf16: bool
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config(cfg, world_size, bf16), dist_init_required=False
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
+    engine, *_ = deepspeed.initialize(  # DeepSpeed steps the scheduler at each optimizer step
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, world_size, bf16),
+        dist_init_required=False,
     )
     engine.train()
     return engine

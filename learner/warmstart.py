@@ -9,6 +9,8 @@ measured on it, so the RL gain is reported separately from the warm start's.
 
 from __future__ import annotations
 
+import math
+import os
 import statistics
 import sys
 import time
@@ -45,12 +47,25 @@ def sft_rows(cfg: Config, model_dir: Path, conversations: list[Conversation]):
     return samples_to_table(samples)
 
 
+def _cluster_cpus() -> float:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+    return min(cpus, os.cpu_count() or 1)  # more threads than cores only thrash
+
+
 def run_warmstart(cfg: Config, base: Path, out: Path) -> dict:
     start = time.perf_counter()
     ws = cfg.train.warmstart
     conversations = load_dataset(DataConfig(source="synthetic", synth=ws.synth))
     rows = sft_rows(cfg, base, conversations)
-    learner_cfg = cfg.learner.model_copy(update={"lr": ws.lr, "mini_batch": ws.mini_batch, "micro_batch": ws.micro_batch, "ppo_epochs": 1})
+    steps = ws.epochs * math.ceil(rows.num_rows / ws.mini_batch)
+    learner_cfg = cfg.learner.model_copy(update={
+        "lr": ws.lr, "lr_schedule": "cosine", "lr_warmup_steps": ws.warmup_steps, "lr_total_steps": steps,
+        "mini_batch": ws.mini_batch, "micro_batch": ws.micro_batch, "ppo_epochs": 1,
+        # Nothing else runs yet: the ranks share every core the cluster has.
+        "cpus_per_rank": max(1.0, _cluster_cpus() / cfg.learner.num_ranks),
+    })
     algo = cfg.algo.model_copy(update={"kl_beta": 0.0})  # no reference model for a likelihood loss
     print(f"warm start: {rows.num_rows} examples from {len(conversations)} synthetic conversations, {ws.epochs} epoch(s)", file=sys.stderr)
     losses = []

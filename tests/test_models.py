@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -94,7 +96,10 @@ def test_chat_engine_base_prompts_and_trims(tiny):
 
 def test_resolve_model_builds_once_and_honours_the_env(tmp_path, monkeypatch):
     path = resolve_model("tiny", tmp_path)
-    assert path == tmp_path / "tiny" and (path / "config.json").is_file()
+    # Named by the revision of the code it is built from: editing the prompts or the synthetic
+    # world (its tokenizer's corpus) builds a fresh one rather than reusing a stale tokenizer.
+    assert path.parent == tmp_path and re.fullmatch(r"tiny-[0-9a-f]{10}", path.name)
+    assert (path / "config.json").is_file()
     assert path.stat().st_mode & 0o055 == 0o055  # readable by other users (Ray workers), unlike mkdtemp's 0700
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert resolve_model("tiny", tmp_path) == path

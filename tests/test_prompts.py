@@ -63,7 +63,7 @@ def test_manager_lists_each_memory_once_and_each_facts_related_ids(size):
     assert memories == [f"[{i}] Caroline: Caroline memory {i}." for i in ("0", "3", "7")]
     facts = block(user, "facts")
     assert len(facts) == len(FACTS)
-    marks = ["[0,3]", "[3,7]", "[]"] if size == "compact" else ["(related: 0, 3)", "(related: 3, 7)", "(related: none)"]
+    marks = ["[0,3]", "[3,7]", "[]"] if size != "full" else ["(related: 0, 3)", "(related: 3, 7)", "(related: none)"]
     for line, f, mark in zip(facts, FACTS, marks):
         assert line == f"{f.dia_id} {f.speaker} {mark}: {f.fact}"
     assert visible_memory_ids(RELATED) == {"0", "3", "7"}
@@ -84,6 +84,12 @@ def test_compact_is_much_shorter_than_full():
         compact, full = ("".join(make(size)) for size in ("compact", "full"))
         assert 3 * len(compact) < len(full)
     assert len(extractor_messages("compact", DATE, TURNS)[0].split()) < 60
+
+
+def test_minimal_differs_from_compact_only_in_its_one_line_instructions():
+    for make in (lambda s: extractor_messages(s, DATE, TURNS), lambda s: manager_messages(s, FACTS, RELATED)):
+        (sys_min, user_min), (sys_compact, user_compact) = make("minimal"), make("compact")
+        assert user_min == user_compact and "\n" not in sys_min and len(sys_min) < len(sys_compact) / 4
 
 
 def test_full_prompt_examples_are_what_the_parsers_accept():
