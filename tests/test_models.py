@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.models import ChatEngineBase, build_tiny, resolve_model
+from actors.models import ChatEngineBase, _tiny_revision, build_tiny, resolve_model
 from common.synth import generate_world
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,9 +127,10 @@ def test_two_processes_resolving_at_once_build_one_intact_model(tmp_path):
                               stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
     # The last line: an import of deepspeed (via transformers) logs to stdout.
     outs = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0] and outs == [str(tmp_path / "tiny")] * 2
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".tiny.lock")) == ["tiny"]
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "tiny").config.vocab_size > 1000
+    built = tmp_path / f"tiny-{_tiny_revision()}"
+    assert [p.returncode for p in procs] == [0, 0] and outs == [str(built)] * 2
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".tiny.lock")) == [built.name]
+    assert AutoModelForCausalLM.from_pretrained(built).config.vocab_size > 1000
 
 
 def test_a_hub_id_without_hub_access_fails_in_one_line(monkeypatch):
