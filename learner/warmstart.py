@@ -47,11 +47,15 @@ def sft_rows(cfg: Config, model_dir: Path, conversations: list[Conversation]):
     return samples_to_table(samples)
 
 
-def _cluster_cpus() -> float:
+def _node_cpus() -> float:
+    """CPUs of the largest node (a rank cannot span nodes), capped by this machine's cores: more
+    torch threads than cores only thrash. 1 without a Ray cluster."""
     import ray
 
-    cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
-    return min(cpus, os.cpu_count() or 1)  # more threads than cores only thrash
+    if not ray.is_initialized():
+        return 1.0
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
+    return min(largest, os.cpu_count() or 1)
 
 
 def run_warmstart(cfg: Config, base: Path, out: Path) -> dict:
@@ -63,8 +67,8 @@ def run_warmstart(cfg: Config, base: Path, out: Path) -> dict:
     learner_cfg = cfg.learner.model_copy(update={
         "lr": ws.lr, "lr_schedule": "cosine", "lr_warmup_steps": ws.warmup_steps, "lr_total_steps": steps,
         "mini_batch": ws.mini_batch, "micro_batch": ws.micro_batch, "ppo_epochs": 1,
-        # Nothing else runs yet: the ranks share every core the cluster has.
-        "cpus_per_rank": max(1.0, _cluster_cpus() / cfg.learner.num_ranks),
+        # Nothing else runs yet: the ranks share every core of a node.
+        "cpus_per_rank": max(1.0, _node_cpus() / cfg.learner.num_ranks),
     })
     algo = cfg.algo.model_copy(update={"kl_beta": 0.0})  # no reference model for a likelihood loss
     print(f"warm start: {rows.num_rows} examples from {len(conversations)} synthetic conversations, {ws.epochs} epoch(s)", file=sys.stderr)
