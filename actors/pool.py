@@ -43,7 +43,6 @@ class RolloutBatch:
     anchors: list[tuple[int, Conversation]] = field(default_factory=list)  # (owner worker, conversation)
     snapshots: list[list[list[str]]] = field(default_factory=list)  # per conversation: [rollout][t-1]
 
-
     def summary(self) -> dict:
         """The batch's numbers, as `memr2 rollout` prints them and every training step logs them."""
         s = self.stats

@@ -132,7 +132,7 @@ def extractor_messages(size: Size, session_date: str, turns: Sequence[Turn]) -> 
     _check_size(size)
     lines = [f"{_flat(t.dia_id)} {_flat(t.speaker)}: {_flat(t.text)}".rstrip() for t in turns]
     if size != "full":
-        system = _EXTRACTOR_MINIMAL if size == "minimal" else _EXTRACTOR_COMPACT
+        system = {"minimal": _EXTRACTOR_MINIMAL, "compact": _EXTRACTOR_COMPACT}[size]
         return system, f"Date: {_flat(session_date)}\n{_block('dialogue', lines)}"
     user = f"Session date: {_flat(session_date)}\n{_block('dialogue', lines)}\nWrite the facts as one JSON object."
     return _EXTRACTOR_FULL, user
@@ -227,7 +227,7 @@ def manager_messages(size: Size, facts: Sequence[Fact], related: Sequence[Sequen
     _check_size(size)
     data = _manager_data(size, facts, related)
     if size != "full":
-        return (_MANAGER_MINIMAL if size == "minimal" else _MANAGER_COMPACT), data
+        return {"minimal": _MANAGER_MINIMAL, "compact": _MANAGER_COMPACT}[size], data
     return _MANAGER_FULL, f"{data}\nWrite the operations as one JSON object."
 
 

@@ -138,6 +138,8 @@ class LearnerConfig(Section):
     def _micro_divides_mini(self) -> LearnerConfig:
         if self.mini_batch % self.micro_batch:
             raise ValueError("learner.micro_batch must divide learner.mini_batch")
+        if self.lr_schedule == "cosine" and self.lr_total_steps is None:
+            raise ValueError("learner.lr_schedule=cosine needs learner.lr_total_steps")
         return self
 
 

@@ -99,8 +99,7 @@ def lr_factor(cfg: LearnerConfig, step: int) -> float:
         return (step + 1) / cfg.lr_warmup_steps
     if cfg.lr_schedule == "constant":
         return 1.0
-    total = cfg.lr_total_steps or step + 1
-    progress = min(1.0, (step - cfg.lr_warmup_steps) / max(1, total - cfg.lr_warmup_steps))
+    progress = min(1.0, (step - cfg.lr_warmup_steps) / max(1, cfg.lr_total_steps - cfg.lr_warmup_steps))
     return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

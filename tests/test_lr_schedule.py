@@ -23,3 +23,8 @@ def test_cosine_warms_up_then_decays_to_the_floor():
     factors = [lr_factor(cfg, s) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(factors, factors[1:]))
     assert not any(math.isnan(f) for f in factors)
+
+
+def test_cosine_without_an_end_step_is_a_config_error():
+    with pytest.raises(ValueError, match="lr_total_steps"):
+        LearnerConfig(lr_schedule="cosine")
