@@ -118,11 +118,19 @@ class Learner:
         state = {"version": self.version, "train_calls": self.train_calls, "seed": self.seed}
         ray.get([r.save_checkpoint.remote(directory, tag, state) for r in self.ranks])
 
-    def load_checkpoint(self, directory: str, tag: str) -> None:
-        """Weights, optimizer state, policy version and the shuffle counter of a saved run."""
+    def load_checkpoint(self, directory: str, tag: str, *, as_new_version: bool = False) -> None:
+        """Weights, optimizer state, policy version and the shuffle counter of a saved run.
+
+        as_new_version: going back to earlier weights within a run (a curriculum stage restarting
+        from the best checkpoint) publishes them as the next version, with the counters running
+        on: versions only grow, so no trajectory's version can name two different policies."""
+        version, calls = self.version, self.train_calls
         states = ray.get([r.load_checkpoint.remote(directory, tag) for r in self.ranks])
-        self.version = int(states[0].get("version", 0))
-        self.train_calls = int(states[0].get("train_calls", 0))
+        if as_new_version:
+            self.version, self.train_calls = version + 1, calls
+        else:
+            self.version = int(states[0].get("version", 0))
+            self.train_calls = int(states[0].get("train_calls", 0))
 
     def save_pretrained(self, directory: str) -> None:
         ray.get([r.save_pretrained.remote(directory) for r in self.ranks])

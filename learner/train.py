@@ -131,7 +131,7 @@ def _end_epoch(cfg, out, pool, learner, val, val_horizon, state) -> None:
     if state.epoch == stage.epochs:
         state.stage, state.epoch = state.stage + 1, 0
         if state.stage < len(cfg.curriculum.stages) and state.best_tag:
-            learner.load_checkpoint(str(out.checkpoints), state.best_tag)
+            learner.load_checkpoint(str(out.checkpoints), state.best_tag, as_new_version=True)
             sync_weights(learner, pool)
 
 

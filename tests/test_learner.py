@@ -181,6 +181,19 @@ def test_checkpoint_resume_reproduces_the_next_step(learner, model_dir, tmp_path
         assert all(torch.allclose(state[k], v, atol=1e-6) for k, v in next_state.items())
 
 
+def test_going_back_to_a_checkpoint_publishes_a_new_version(learner, tmp_path):
+    """A stage that restarts from its best checkpoint gets that checkpoint's weights under a newer
+    version (the policy store refuses older ones), and the shuffle counter runs on."""
+    tables, _ = make_groups(learner, seed=6)
+    learner.save_checkpoint(str(tmp_path), "best")
+    best = learner.state_dict()
+    learner.train(tables)
+    version, calls = learner.version, learner.train_calls
+    learner.load_checkpoint(str(tmp_path), "best", as_new_version=True)
+    assert (learner.version, learner.train_calls) == (version + 1, calls)
+    assert all(torch.equal(learner.state_dict()[k], v) for k, v in best.items())
+
+
 def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir):
     """One mini-batch split over 2 ZeRO-2 ranks gives the same update as one ZeRO-3 rank.
 
