@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -133,6 +133,12 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     # auto: the Ray object store (an NCCL group with the vLLM workers on GPU is not built yet)
     weight_sync: Literal["auto", "object_store", "nccl"] = "auto"
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML reads a bare on/off (`learner.bf16=on`, `bf16: off`) as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _micro_divides_mini(self) -> LearnerConfig:

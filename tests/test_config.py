@@ -62,3 +62,11 @@ def test_the_shipped_paper_config_loads_with_the_papers_numbers():
     assert (cfg.learner.lr, cfg.learner.ppo_epochs, cfg.learner.mini_batch) == (2e-6, 2, 16)
     assert [(s.horizon, s.epochs) for s in cfg.curriculum.stages] == [(8, 10), (16, 5), (32, 5)]
     assert cfg.reward.answer_agent.kind == "openai" and cfg.data.source == "locomo"
+
+
+def test_bare_on_and_off_mean_what_they_say():
+    """YAML turns a bare on/off into a boolean; for learner.bf16 they are the words a user typed."""
+    assert load_config(None, ["learner.bf16=on"]).learner.bf16 == "on"
+    assert load_config(None, ["learner.bf16=off"]).learner.bf16 == "off"
+    with pytest.raises(ConfigError, match="learner.bf16"):
+        load_config(None, ["learner.bf16=maybe"])
