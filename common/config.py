@@ -127,6 +127,9 @@ class LearnerConfig(Section):
     lr_warmup_steps: int = Field(0, ge=0)  # optimizer steps of linear warm-up
     lr_total_steps: int | None = Field(None, ge=1)  # cosine: decays to lr_min_ratio * lr at this step
     lr_min_ratio: float = Field(0.1, ge=0, le=1)
+    # Embeddings and the first N decoder layers stay fixed (0: train everything); see
+    # learner.engine.freeze_lower_layers.
+    frozen_layers: int = Field(0, ge=0)
     ppo_epochs: int = Field(2, ge=1)
     mini_batch: int = Field(16, ge=1)
     micro_batch: int = Field(4, ge=1)

@@ -181,6 +181,24 @@ def test_checkpoint_resume_reproduces_the_next_step(learner, model_dir, tmp_path
         assert all(torch.allclose(state[k], v, atol=1e-6) for k, v in next_state.items())
 
 
+def test_frozen_layers_stay_fixed_and_the_rest_learns(ray_local, model_dir):
+    with Learner(model_dir, AlgoConfig(), config(frozen_layers=1), seed=1) as lrn:
+        before = lrn.state_dict()
+        tables, _ = make_groups(lrn, seed=7)
+        assert_finite(lrn.train(tables))
+        after = lrn.state_dict()
+    frozen = [k for k in before if k.startswith(("model.embed_tokens.", "model.layers.0."))]
+    trained = [k for k in before if k.startswith("model.layers.1.")]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_freezing_every_layer_is_refused(ray_local, model_dir):
+    with pytest.raises(Exception, match="leaves nothing to train"):
+        Learner(model_dir, AlgoConfig(), config(frozen_layers=2), seed=1)
+
+
 def test_going_back_to_a_checkpoint_publishes_a_new_version(learner, tmp_path):
     """A stage that restarts from its best checkpoint gets that checkpoint's weights under a newer
     version (the policy store refuses older ones), and the shuffle counter runs on."""
