@@ -7,7 +7,7 @@ def test_defaults_are_the_reference_hyperparameters():
     cfg = Config()
     assert (cfg.algo.local_prob, cfg.algo.clip_eps, cfg.algo.dual_clip) == (0.5, 0.2, 3.0)
     assert (cfg.algo.kl_beta, cfg.algo.entropy_eta, cfg.reward.alpha, cfg.reward.lam) == (0.001, 0.001, 0.7, 0.3)
-    assert [s.horizon for s in cfg.curriculum.stages] == [2, 4]  # the embedded default's short curriculum
+    assert [s.horizon for s in cfg.curriculum.stages] == [2]  # the embedded default's short run
 
 
 def test_yaml_then_dotted_overrides(tmp_path):

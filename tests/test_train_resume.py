@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 # One training conversation (synth-0-0) of two sessions, one chunk each, and one to validate.
-WORLD = ["data.synth.conversations=2", "data.synth.sessions=2", "data.synth.val_conversations=1", "rollout.chunks_per_session=1"]
+WORLD = ["model.name=tiny", "learner.frozen_layers=0", "learner.bf16=off", "learner.cpus_per_rank=1",
+         "data.synth.conversations=2", "data.synth.sessions=2", "data.synth.val_conversations=1", "rollout.chunks_per_session=1"]
 # The warm start memorises the training conversation's gold outputs: a policy that writes real
 # memories, with a little sampling spread left, so some groups carry signal and steps update.
 WARM = [*WORLD, "train.warmstart.synth.seed=0", "train.warmstart.synth.conversations=1", "train.warmstart.synth.sessions=2",

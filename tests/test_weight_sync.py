@@ -26,7 +26,8 @@ def batch_with_signal() -> list[pa.Table]:
 
 def test_after_a_sync_every_engine_holds_the_learners_weights_exactly(ray_local, tmp_path):
     cfg = smoke_config(None, ["model.dtype=float32", "rollout.max_new_tokens=16", "learner.cpus_per_rank=0.5",
-                              "rollout.cpus_per_actor=0.5", "learner.lr=1e-2", "learner.mini_batch=2", "learner.micro_batch=2"])
+                              "rollout.cpus_per_actor=0.5", "learner.lr=1e-2", "learner.mini_batch=2", "learner.micro_batch=2",
+                              "learner.frozen_layers=0", "learner.bf16=off"])
     model_dir = resolve_model("tiny")
     learner = Learner(str(model_dir), cfg.algo, cfg.learner, cfg.seed)
     pool = RolloutPool(cfg)
