@@ -220,10 +220,14 @@ class Config(Section):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then `a.b.c=value` overrides (values parsed as YAML scalars)."""
-    raw: dict[str, Any] = {}
+    """Defaults, then the YAML file, then `a.b.c=value` overrides (values parsed as YAML scalars).
+
+    Both layer onto the full default tree, not onto an empty one: a partial section would otherwise
+    be validated alone and its other fields would take their class defaults, so that, e.g.,
+    `train.warmstart.synth.conversations=12` silently reset the warm start world's seed to 0."""
+    raw: dict[str, Any] = Config().model_dump()
     if path is not None:
-        raw = _read_yaml(Path(path))
+        _merge(raw, _read_yaml(Path(path)))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -253,6 +257,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping of sections")
     return raw
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -28,7 +28,7 @@ def test_yaml_then_dotted_overrides(tmp_path):
         ("memory.retriever=tfidf", "config memory.retriever: Input should be 'bm25' or 'minilm', got 'tfidf'"),
         ("learner.micro_batch=5", "config learner: learner.micro_batch must divide learner.mini_batch"),
         ("algo.local_prob", "not of the form key.path=value"),
-        ("seed.x=1", "config seed: Input should be a valid integer"),
+        ("seed.x=1", "config key seed is a value, not a section"),
         ("rollout.n_global=1", "config rollout.n_global: Input should be greater than or equal to 2, got 1"),
     ],
 )
@@ -70,3 +70,14 @@ def test_bare_on_and_off_mean_what_they_say():
     assert load_config(None, ["learner.bf16=off"]).learner.bf16 == "off"
     with pytest.raises(ConfigError, match="learner.bf16"):
         load_config(None, ["learner.bf16=maybe"])
+
+
+def test_a_partial_section_keeps_the_defaults_of_its_other_fields(tmp_path):
+    """The warm start's world differs from SynthConfig's own defaults (seed 1000, no validation);
+    overriding one of its fields must not reset the others to the class defaults."""
+    default = Config().train.warmstart.synth
+    cfg = load_config(None, ["train.warmstart.synth.conversations=3"])
+    assert cfg.train.warmstart.synth == default.model_copy(update={"conversations": 3})
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  warmstart:\n    synth:\n      sessions: 2\n")
+    assert load_config(path).train.warmstart.synth == default.model_copy(update={"sessions": 2})
