@@ -33,3 +33,34 @@ def init_ray(cfg: ClusterConfig, cpus_needed: float = 0) -> None:
         log_to_driver=cfg.log_to_driver,
         configure_logging=False,
     )
+
+
+def require_resources(asks: dict[str, list[dict[str, float]]], timeout_s: float | None) -> None:
+    """Stop with one line, instead of waiting forever, when the cluster cannot hold the job's actors.
+
+    Ray queues an actor that no node can take until such a node joins, so a job asking for GPUs on
+    a CPU cluster used to hang silently. `asks` maps what (e.g. "rollout actor") to one resource
+    bundle per actor; all are reserved together as a placement group, a probe that is released at
+    once. It may take up to `timeout_s` (an autoscaler adds nodes meanwhile); None waits as Ray does.
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    if timeout_s is None:
+        return
+    bundles = [{k: v for k, v in b.items() if v > 0} for group in asks.values() for b in group]
+    probe = placement_group(bundles, strategy="PACK")
+    try:
+        placed = probe.wait(timeout_seconds=timeout_s)
+    finally:
+        remove_placement_group(probe)
+    if not placed:
+        wanted = " + ".join(f"{len(group)} {what}(s) of {_resources(group[0])}" for what, group in asks.items() if group)
+        raise ValueError(
+            f"the cluster cannot hold {wanted} (it has {_resources(ray.cluster_resources())}) after "
+            f"{timeout_s:g} s: lower rollout.num_actors / cpus_per_actor / gpus_per_actor or "
+            "learner.num_ranks / cpus_per_rank / gpus_per_rank, or add nodes"
+        )
+
+
+def _resources(bundle: dict[str, float]) -> str:
+    return ", ".join(f"{bundle.get(k, 0):g} {k}" for k in ("CPU", "GPU"))

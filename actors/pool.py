@@ -25,6 +25,10 @@ from common.types import Conversation
 from memory_service.snapshots import snapshot_registry
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    return {"CPU": cfg.rollout.cpus_per_actor, "GPU": cfg.rollout.gpus_per_actor}
+
+
 @dataclass(slots=True)
 class RolloutBatch:
     groups: list[Group]  # the groups with signal; tables are object refs
@@ -70,9 +74,9 @@ class RolloutPool:
         # Created here so the driver owns them: they must outlive any one worker.
         self.registry, self.policy_store = snapshot_registry(), policy_store()
         remote_cls = ray.remote(RolloutWorker)
-        r = cfg.rollout
+        need = worker_resources(cfg)
         self.workers = [
-            remote_cls.options(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor).remote(cfg, i) for i in range(r.num_actors)
+            remote_cls.options(num_cpus=need["CPU"], num_gpus=need["GPU"]).remote(cfg, i) for i in range(cfg.rollout.num_actors)
         ]
         self.infos = ray.get([w.info.remote() for w in self.workers])
 

@@ -198,6 +198,9 @@ class ClusterConfig(Section):
     autoscale_min_actors: int = Field(1, ge=0)
     autoscale_max_actors: int = Field(8, ge=1)
     log_to_driver: bool = False  # actors' stdout (vLLM's logs) in the driver's terminal
+    # How long the job waits for the cluster to hold all its actors before it stops with an error
+    # naming what it asked for (an autoscaler may add nodes meanwhile); None waits forever.
+    placement_timeout_s: float | None = Field(300.0, gt=0)
 
 
 class MetricsConfig(Section):

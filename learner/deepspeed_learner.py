@@ -29,6 +29,11 @@ from learner.logo_grpo import with_advantages
 from learner.ranks import LearnerRank
 
 
+def rank_resources(cfg: LearnerConfig) -> dict[str, float]:
+    gpus = (1.0 if torch.cuda.is_available() else 0.0) if cfg.gpus_per_rank is None else cfg.gpus_per_rank
+    return {"CPU": cfg.cpus_per_rank, "GPU": gpus}
+
+
 class Learner:
     def __init__(
         self,
@@ -41,9 +46,9 @@ class Learner:
         self.algo, self.cfg, self.seed, self.model_dir = algo, cfg, seed, model_dir
         self.version = 0  # policy version: bumped by every train() call, stamped on trajectories
         self.train_calls = 0
-        gpus = (1.0 if torch.cuda.is_available() else 0.0) if cfg.gpus_per_rank is None else cfg.gpus_per_rank
+        need = rank_resources(cfg)
         threads = max(1, int(cfg.cpus_per_rank))
-        actor = ray.remote(LearnerRank).options(num_cpus=cfg.cpus_per_rank, num_gpus=gpus)
+        actor = ray.remote(LearnerRank).options(num_cpus=need["CPU"], num_gpus=need["GPU"])
         self.ranks = [actor.remote(r, cfg.num_ranks, threads) for r in range(cfg.num_ranks)]
         start = time.perf_counter()
         try:

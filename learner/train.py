@@ -13,13 +13,13 @@ import time
 import ray
 from tqdm import tqdm
 
-from actors.cluster import init_ray
+from actors.cluster import init_ray, require_resources
 from actors.episode import request_seed
-from actors.pool import RolloutPool
+from actors.pool import RolloutPool, worker_resources
 from common.config import Config
 from common.data import load_dataset, split
 from common.types import Conversation
-from learner.deepspeed_learner import Learner
+from learner.deepspeed_learner import Learner, rank_resources
 from learner.run_outputs import RunDir, TrainState
 from learner.warmstart import warm_model
 from learner.weight_sync import check_sync_mode, sync_weights
@@ -63,6 +63,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
     check_sync_mode(cfg.learner.weight_sync)
     out = RunDir(cfg, resume)
     init_ray(cfg.cluster, cpus_needed=_cpus_needed(cfg))
+    require_resources({"rollout actor": [worker_resources(cfg)] * cfg.rollout.num_actors,
+                       "learner rank": [rank_resources(cfg.learner)] * cfg.learner.num_ranks}, cfg.cluster.placement_timeout_s)
     data = split(load_dataset(cfg.data), cfg.data)
     model_dir, warm = warm_model(cfg, out.path)
     stages = cfg.curriculum.stages

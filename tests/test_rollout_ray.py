@@ -4,6 +4,7 @@ import pyarrow.compute as pc
 import pytest
 import ray
 
+from actors.cluster import require_resources
 from actors.pool import RolloutPool
 from actors.rollout_job import smoke_config, summarize
 from common.data import load_dataset, split
@@ -37,3 +38,13 @@ def test_smoke_rollouts_make_global_and_local_groups_across_actors(ray_local):
             assert set(table["policy_version"].to_pylist()) == {0}
     finally:
         pool.shutdown()
+
+
+def test_a_job_the_cluster_cannot_hold_stops_with_one_line_instead_of_waiting(ray_local):
+    with pytest.raises(ValueError) as err:
+        require_resources({"rollout actor": [{"CPU": 0.5, "GPU": 1}] * 2, "learner rank": [{"CPU": 0.5}]}, timeout_s=2)
+    msg = str(err.value)
+    assert "cannot hold 2 rollout actor(s) of 0.5 CPU, 1 GPU + 1 learner rank(s) of 0.5 CPU, 0 GPU" in msg
+    assert "it has 2 CPU, 0 GPU" in msg and "rollout.num_actors" in msg and "\n" not in msg
+    require_resources({"rollout actor": [{"CPU": 0.25}] * 2}, timeout_s=60)  # fits: returns, and releases the probe
+    require_resources({"rollout actor": [{"CPU": 0.25}] * 2}, timeout_s=60)
