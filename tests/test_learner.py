@@ -196,6 +196,23 @@ def test_frozen_layers_stay_fixed_and_the_rest_learns(ray_local, model_dir):
     assert any(not torch.equal(before[k], after[k]) for k in trained)
 
 
+def test_resume_with_frozen_layers_reproduces_the_next_step(ray_local, model_dir, tmp_path):
+    """The optimizer holds only the trained layers' state; a checkpoint must still restore it."""
+    cfg = config(frozen_layers=1)
+    with Learner(model_dir, AlgoConfig(), cfg, seed=1) as lrn:
+        tables, _ = make_groups(lrn, seed=8)
+        lrn.train(tables)  # so the checkpoint carries optimizer moments
+        lrn.save_checkpoint(str(tmp_path), "t")
+        expected, expected_state = lrn.train(tables), lrn.state_dict()
+    with Learner(model_dir, AlgoConfig(), cfg, seed=1) as resumed:
+        resumed.load_checkpoint(str(tmp_path), "t")
+        again = resumed.train(tables)
+        state = resumed.state_dict()
+    for k in ("loss", "pg_loss", "grad_norm"):
+        assert again[k] == pytest.approx(expected[k], rel=1e-5, abs=1e-7), k
+    assert all(torch.allclose(state[k], v, atol=1e-6) for k, v in expected_state.items())
+
+
 def test_freezing_every_layer_is_refused(ray_local, model_dir):
     with pytest.raises(Exception, match="leaves nothing to train"):
         Learner(model_dir, AlgoConfig(), config(frozen_layers=2), seed=1)
