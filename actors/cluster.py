@@ -13,15 +13,23 @@ from common.config import ClusterConfig
 ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-def init_ray(cfg: ClusterConfig, cpus_needed: float = 0) -> None:
-    """`address=None` starts a local cluster (a laptop, CI); "auto" or ray://... joins one
-    (under `ray job submit` Ray sets RAY_ADDRESS and this joins the job's cluster).
+Asks = dict[str, list[dict[str, float]]]  # what, e.g. "rollout actor" -> one resource bundle per actor
 
-    A local cluster gets at least `cpus_needed` logical CPUs: rollouts and updates alternate, so
-    the rollout actors and learner ranks can all be placed at once on a small machine without
+
+def init_ray(cfg: ClusterConfig, asks: Asks) -> None:
+    """`address=None` starts a local cluster (a laptop, CI); "auto" or ray://... joins one
+    (under `ray job submit` Ray sets RAY_ADDRESS and this joins the job's cluster). Then the
+    cluster must be able to hold every actor the job `asks` for (`require_resources`).
+
+    A local cluster gets at least the CPUs asked for: rollouts and updates alternate, so the
+    rollout actors and learner ranks can all be placed at once on a small machine without
     competing for its cores."""
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _start_or_join(cfg, sum(b.get("CPU", 0.0) for group in asks.values() for b in group))
+    require_resources(asks, cfg.placement_timeout_s)
+
+
+def _start_or_join(cfg: ClusterConfig, cpus_needed: float) -> None:
     local = cfg.address is None and not os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
     ray.init(
         address=cfg.address,
@@ -35,19 +43,19 @@ def init_ray(cfg: ClusterConfig, cpus_needed: float = 0) -> None:
     )
 
 
-def require_resources(asks: dict[str, list[dict[str, float]]], timeout_s: float | None) -> None:
+def require_resources(asks: Asks, timeout_s: float | None) -> None:
     """Stop with one line, instead of waiting forever, when the cluster cannot hold the job's actors.
 
     Ray queues an actor that no node can take until such a node joins, so a job asking for GPUs on
-    a CPU cluster used to hang silently. `asks` maps what (e.g. "rollout actor") to one resource
-    bundle per actor; all are reserved together as a placement group, a probe that is released at
-    once. It may take up to `timeout_s` (an autoscaler adds nodes meanwhile); None waits as Ray does.
+    a CPU cluster used to hang silently. Every bundle of `asks` is reserved at once as a placement
+    group, a probe that is released straight away. It may take up to `timeout_s` (an autoscaler
+    adds nodes meanwhile); None waits as Ray does.
     """
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    if timeout_s is None:
-        return
     bundles = [{k: v for k, v in b.items() if v > 0} for group in asks.values() for b in group]
+    if timeout_s is None or not bundles:
+        return
     probe = placement_group(bundles, strategy="PACK")
     try:
         placed = probe.wait(timeout_seconds=timeout_s)

@@ -1,11 +1,10 @@
 """Role prompts for the one policy that plays fact extractor and memory manager (DESIGN §1),
 and the deterministic target renderers used for warm-start supervision.
 
-Three sizes. "minimal" is for a model trained from scratch (the embedded tiny default): it learns
-the format only from the warm start's supervision, so the instructions are one line naming the role
-and the data is everything; the prompt is paid for at every training and generation step, and at the
-tiny model's scale the copying it must learn comes faster the fewer tokens its attention spreads
-over. "compact" spells out the JSON shapes in a few lines, for small instruction models. "full" is
+Three sizes. "minimal" (the embedded default) is for small models that learn the format from the
+warm start's supervision (SmolLM2-135M, the random tiny model): the instructions are one line naming
+the role and the data is everything, since the prompt is paid for at every training and generation
+step. "compact" spells out the JSON shapes in a few lines, for small instruction models. "full" is
 for 7B-class instruction models, which follow written rules and a worked example. Every size shows
 the same data lines, so a policy's replies parse the same whichever it was prompted with.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from actors.cluster import init_ray, require_resources
+from actors.cluster import init_ray
 from actors.pool import RolloutBatch, RolloutPool, worker_resources
 from common.config import Config, load_config
 from common.data import load_dataset, split
@@ -35,8 +35,7 @@ def smoke_config(path: str | None, overrides: list[str]) -> Config:
 
 def run_rollouts(cfg: Config) -> dict:
     start = time.perf_counter()
-    init_ray(cfg.cluster)
-    require_resources({"rollout actor": [worker_resources(cfg)] * cfg.rollout.num_actors}, cfg.cluster.placement_timeout_s)
+    init_ray(cfg.cluster, {"rollout actor": [worker_resources(cfg)] * cfg.rollout.num_actors})
     conversations = split(load_dataset(cfg.data), cfg.data)["train"]
     pool = RolloutPool(cfg)
     started = time.perf_counter()

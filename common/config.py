@@ -166,7 +166,8 @@ class Stage(Section):
 
 
 class CurriculumConfig(Section):
-    # The embedded default's short curriculum; the paper's 8 -> 16 -> 32 (10/5/5 epochs) is in deploy/paper.yaml.
+    # The embedded default is one stage (a 2 -> 4 curriculum does not fit a laptop's 15 minutes);
+    # the paper's 8 -> 16 -> 32 (10/5/5 epochs) is in deploy/paper.yaml.
     stages: list[Stage] = [Stage(horizon=2, epochs=2)]
     val_every: int = Field(1, ge=1)  # validate every N epochs
 

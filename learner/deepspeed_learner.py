@@ -129,13 +129,12 @@ class Learner:
         as_new_version: going back to earlier weights within a run (a curriculum stage restarting
         from the best checkpoint) publishes them as the next version, with the counters running
         on: versions only grow, so no trajectory's version can name two different policies."""
-        version, calls = self.version, self.train_calls
         states = ray.get([r.load_checkpoint.remote(directory, tag) for r in self.ranks])
         if as_new_version:
-            self.version, self.train_calls = version + 1, calls
-        else:
-            self.version = int(states[0].get("version", 0))
-            self.train_calls = int(states[0].get("train_calls", 0))
+            self.version += 1
+            return
+        self.version = int(states[0].get("version", 0))
+        self.train_calls = int(states[0].get("train_calls", 0))
 
     def save_pretrained(self, directory: str) -> None:
         ray.get([r.save_pretrained.remote(directory) for r in self.ranks])

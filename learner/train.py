@@ -13,7 +13,7 @@ import time
 import ray
 from tqdm import tqdm
 
-from actors.cluster import init_ray, require_resources
+from actors.cluster import Asks, init_ray
 from actors.episode import request_seed
 from actors.pool import RolloutPool, worker_resources
 from common.config import Config
@@ -62,9 +62,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     start = time.perf_counter()
     check_sync_mode(cfg.learner.weight_sync)
     out = RunDir(cfg, resume)
-    init_ray(cfg.cluster, cpus_needed=_cpus_needed(cfg))
-    require_resources({"rollout actor": [worker_resources(cfg)] * cfg.rollout.num_actors,
-                       "learner rank": [rank_resources(cfg.learner)] * cfg.learner.num_ranks}, cfg.cluster.placement_timeout_s)
+    init_ray(cfg.cluster, _asks(cfg))
     data = split(load_dataset(cfg.data), cfg.data)
     model_dir, warm = warm_model(cfg, out.path)
     stages = cfg.curriculum.stages
@@ -113,8 +111,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
     return summary
 
 
-def _cpus_needed(cfg: Config) -> float:
-    return cfg.rollout.num_actors * cfg.rollout.cpus_per_actor + cfg.learner.num_ranks * cfg.learner.cpus_per_rank
+def _asks(cfg: Config) -> Asks:
+    return {"rollout actor": [worker_resources(cfg)] * cfg.rollout.num_actors,
+            "learner rank": [rank_resources(cfg.learner)] * cfg.learner.num_ranks}
 
 
 def _stop(cfg: Config, state: TrainState) -> bool:

@@ -90,10 +90,11 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
     from actors.cluster import init_ray
     from actors.models import resolve_model
     from common.config import load_config
+    from learner.deepspeed_learner import rank_resources
     from learner.warmstart import run_warmstart
 
     cfg = load_config(args.config, args.overrides)
-    init_ray(cfg.cluster, cpus_needed=cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
+    init_ray(cfg.cluster, {"learner rank": [rank_resources(cfg.learner)] * cfg.learner.num_ranks})
     print(json.dumps(run_warmstart(cfg, resolve_model(cfg.model.name), Path(args.out))))
     return 0
 

@@ -183,27 +183,22 @@ def test_checkpoint_resume_reproduces_the_next_step(learner, model_dir, tmp_path
         assert all(torch.allclose(state[k], v, atol=1e-6) for k, v in next_state.items())
 
 
-def test_frozen_layers_stay_fixed_and_the_rest_learns(ray_local, model_dir):
-    with Learner(model_dir, AlgoConfig(), config(frozen_layers=1), seed=1) as lrn:
+def test_frozen_layers_stay_fixed_the_rest_learns_and_a_resume_reproduces_the_next_step(ray_local, model_dir, tmp_path):
+    """The optimizer holds only the trained layers' state; a checkpoint must still restore it."""
+    cfg = config(frozen_layers=1)
+    with Learner(model_dir, AlgoConfig(), cfg, seed=1) as lrn:
         before = lrn.state_dict()
-        tables, _ = make_groups(lrn, seed=7)
-        assert_finite(lrn.train(tables))
+        tables, _ = make_groups(lrn, seed=8)
+        assert_finite(lrn.train(tables))  # so the checkpoint carries optimizer moments
         after = lrn.state_dict()
+        lrn.save_checkpoint(str(tmp_path), "t")
+        expected, expected_state = lrn.train(tables), lrn.state_dict()
     frozen = [k for k in before if k.startswith(("model.embed_tokens.", "model.layers.0."))]
     trained = [k for k in before if k.startswith("model.layers.1.")]
     assert frozen and trained
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
 
-
-def test_resume_with_frozen_layers_reproduces_the_next_step(ray_local, model_dir, tmp_path):
-    """The optimizer holds only the trained layers' state; a checkpoint must still restore it."""
-    cfg = config(frozen_layers=1)
-    with Learner(model_dir, AlgoConfig(), cfg, seed=1) as lrn:
-        tables, _ = make_groups(lrn, seed=8)
-        lrn.train(tables)  # so the checkpoint carries optimizer moments
-        lrn.save_checkpoint(str(tmp_path), "t")
-        expected, expected_state = lrn.train(tables), lrn.state_dict()
     with Learner(model_dir, AlgoConfig(), cfg, seed=1) as resumed:
         resumed.load_checkpoint(str(tmp_path), "t")
         again = resumed.train(tables)
