@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from actors.cluster import init_ray
-from actors.pool import RolloutBatch, RolloutPool, worker_resources
+from actors.fleet.cluster import init_ray
+from actors.fleet.fleet import RolloutBatch, RolloutPool, worker_resources
 from common.config import Config, load_config
 from common.data import load_dataset, split
 

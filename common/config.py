@@ -57,7 +57,7 @@ class ModelConfig(Section):
     # learn to copy values out of a dialogue within a laptop's minutes (README, Training).
     name: str = "smollm2"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    prompt_size: Literal["minimal", "compact", "full"] = "minimal"  # see actors.prompts
+    prompt_size: Literal["minimal", "compact", "full"] = "minimal"  # see actors.agent.prompts
     max_prompt_tokens: int = Field(2048, ge=64)
 
 

@@ -13,9 +13,9 @@ import time
 import ray
 from tqdm import tqdm
 
-from actors.cluster import Asks, init_ray
-from actors.episode import request_seed
-from actors.pool import RolloutPool, worker_resources
+from actors.fleet.cluster import Asks, init_ray
+from actors.agent.episode import request_seed
+from actors.fleet.fleet import RolloutPool, worker_resources
 from common.config import Config
 from common.data import load_dataset, split
 from common.types import Conversation

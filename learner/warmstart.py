@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from actors.models import ChatEngineBase, resolve_model
-from actors.supervision import supervised_examples
+from actors.engines.models import ChatEngineBase, resolve_model
+from actors.agent.supervision import supervised_examples
 from common.config import Config, DataConfig
 from common.data import load_dataset
 from common.types import Conversation, StepSample, samples_to_table

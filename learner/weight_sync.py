@@ -15,7 +15,7 @@ import time
 
 import ray
 
-from actors.pool import RolloutPool
+from actors.fleet.fleet import RolloutPool
 from learner.deepspeed_learner import Learner
 
 

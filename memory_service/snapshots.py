@@ -50,7 +50,7 @@ class SnapshotRegistry:
 
 def snapshot_registry() -> ray.actor.ActorHandle:
     """The job's registry, created on first use. Its lifetime is its creator's: the driver creates
-    it up front (see actors.pool) so that it outlives any one rollout worker."""
+    it up front (see actors.fleet.fleet) so that it outlives any one rollout worker."""
     return SnapshotRegistry.options(name=REGISTRY_NAME, get_if_exists=True).remote()
 
 

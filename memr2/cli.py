@@ -87,8 +87,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_warmstart(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from actors.cluster import init_ray
-    from actors.models import resolve_model
+    from actors.fleet.cluster import init_ray
+    from actors.engines.models import resolve_model
     from common.config import load_config
     from learner.deepspeed_learner import rank_resources
     from learner.warmstart import run_warmstart
@@ -100,7 +100,7 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from actors.models import resolve_model
+    from actors.engines.models import resolve_model
 
     print(resolve_model(args.name, args.models_dir))
     return 0

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from actors.answer_agent import (
+from actors.agent.answer_agent import (
     NO_INFO,
     AnswerQuery,
     EngineAnswerAgent,

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from actors.engines.base import SamplingSpec
 from actors.engines.factory import make_engine
 from actors.engines.hf_engine import HFEngine
-from actors.models import build_tiny, resolve_model
+from actors.engines.models import build_tiny, resolve_model
 
 pytestmark = pytest.mark.slow
 

@@ -5,12 +5,12 @@ import re
 
 import pytest
 
-from actors.answer_agent import ReaderAgent
+from actors.agent.answer_agent import ReaderAgent
 from actors.engines.base import SamplingSpec
-from actors.episode import EpisodeRunner, Lane, split_chunks
-from actors.groups import GroupCollector
-from actors.prompts import render_facts, render_operations
-from actors.rewards import compression, dialogue_tokens
+from actors.agent.episode import EpisodeRunner, Lane, split_chunks
+from actors.agent.groups import GroupCollector
+from actors.agent.prompts import render_facts, render_operations
+from actors.agent.rewards import compression, dialogue_tokens
 from common.config import load_config
 from common.types import QA, Conversation, Fact, Operation, Session, Turn, table_to_samples
 from memory_service.bank import MemoryBank

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.models import ChatEngineBase, _tiny_revision, build_tiny, resolve_model
+from actors.engines.models import ChatEngineBase, _tiny_revision, build_tiny, resolve_model
 from common.synth import generate_world
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def test_resolve_model_rejects_unknown_names(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_resolving_at_once_build_one_intact_model(tmp_path):
-    code = "import sys; from actors.models import resolve_model; print(resolve_model('tiny', sys.argv[1]))"
+    code = "import sys; from actors.engines.models import resolve_model; print(resolve_model('tiny', sys.argv[1]))"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, env=env,
                               stderr=subprocess.DEVNULL, text=True) for _ in range(2)]

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.parsing import MAX_CHARS, parse_facts, parse_operations
-from actors.prompts import render_facts, render_operations
+from actors.agent.parsing import MAX_CHARS, parse_facts, parse_operations
+from actors.agent.prompts import render_facts, render_operations
 from common.types import Fact, Operation
 
 SPEAKERS = {"Caroline", "Melanie"}

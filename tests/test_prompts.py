@@ -3,8 +3,8 @@ examples the full prompts teach are exactly what the parsers accept."""
 
 import pytest
 
-from actors.parsing import parse_facts, parse_operations
-from actors.prompts import (
+from actors.agent.parsing import parse_facts, parse_operations
+from actors.agent.prompts import (
     SIZES,
     extractor_messages,
     manager_messages,

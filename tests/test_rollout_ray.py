@@ -4,8 +4,8 @@ import pyarrow.compute as pc
 import pytest
 import ray
 
-from actors.cluster import require_resources
-from actors.pool import RolloutPool
+from actors.fleet.cluster import require_resources
+from actors.fleet.fleet import RolloutPool
 from actors.rollout_job import smoke_config, summarize
 from common.data import load_dataset, split
 from common.types import STEP_SCHEMA

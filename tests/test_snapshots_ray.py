@@ -34,7 +34,7 @@ def test_a_snapshot_taken_in_one_actor_restores_in_another(ray_local):
         def release(self):
             self.store.release_all()
 
-    registry = snapshot_registry()  # owned (and kept alive) by the driver, as in actors.pool
+    registry = snapshot_registry()  # owned (and kept alive) by the driver, as in actors.fleet.fleet
     anchor, other = Holder.remote(), Holder.remote()
     sid, state = ray.get(anchor.build_and_share.remote(["Alice moved to Denver.", "Alice has a dog."]))
     before, after, hit = ray.get(other.restore_and_extend.remote(sid, "Bob sold his car."))

@@ -7,8 +7,8 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from actors.models import resolve_model
-from actors.pool import RolloutPool
+from actors.engines.models import resolve_model
+from actors.fleet.fleet import RolloutPool
 from actors.rollout_job import smoke_config
 from common.data import load_dataset, split
 from common.types import StepSample, samples_to_table

@@ -45,7 +45,7 @@ def make_engine(model_dir: str | Path, engine: str = "vllm", seed: int = 0, max_
 
 def engine_from_config(cfg, allow_fallback: bool = False, **engine_kwargs) -> Engine:
     """The rollout engine a `common.config.Config` asks for, its model resolved (and built) by name."""
-    from actors.models import resolve_model
+    from actors.engines.models import resolve_model
 
     return make_engine(
         resolve_model(cfg.model.name),

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from actors.engines.base import Generation, SamplingSpec
-from actors.models import ChatEngineBase
+from actors.engines.models import ChatEngineBase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from actors.engines.base import Generation, SamplingSpec
-from actors.models import ChatEngineBase
+from actors.engines.models import ChatEngineBase
 
 
 def _prepare_env(on_gpu: bool) -> None:

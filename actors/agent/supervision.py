@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from actors.episode import split_chunks
-from actors.prompts import extractor_messages, manager_messages, render_facts, render_operations
+from actors.agent.episode import split_chunks
+from actors.agent.prompts import extractor_messages, manager_messages, render_facts, render_operations
 from common.config import Config
 from common.types import Conversation, Fact, GoldOperation, MemoryItem, Operation
 from memory_service.bank import MemoryBank

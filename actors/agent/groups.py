@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from actors.answer_agent import AnswerAgent, build_queries
+from actors.agent.answer_agent import AnswerAgent, build_queries
 from actors.engines.base import SamplingSpec
-from actors.episode import EpisodeRunner, Lane
-from actors.rewards import (
+from actors.agent.episode import EpisodeRunner, Lane
+from actors.agent.rewards import (
     MemoryScore,
     dialogue_tokens,
     memory_score,

@@ -13,14 +13,14 @@ from dataclasses import replace
 import ray
 import torch
 
-from actors.answer_agent import make_answer_agent
+from actors.agent.answer_agent import make_answer_agent
 from actors.engines.base import SamplingSpec
 from actors.engines.factory import make_engine
-from actors.episode import EpisodeRunner
-from actors.groups import GlobalResult, Group, GroupCollector, LaneStats
-from actors.policy_store import policy_store
-from actors.rewards import MemoryScore
-from actors.models import resolve_model
+from actors.agent.episode import EpisodeRunner
+from actors.agent.groups import GlobalResult, Group, GroupCollector, LaneStats
+from actors.fleet.policy_store import policy_store
+from actors.agent.rewards import MemoryScore
+from actors.engines.models import resolve_model
 from common.config import Config
 from common.types import Conversation
 from memory_service.snapshots import SnapshotStore

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from actors.engines.base import Engine, SamplingSpec
-from actors.parsing import parse_facts, parse_operations
-from actors.prompts import extractor_messages, manager_messages, visible_memory_ids
+from actors.agent.parsing import parse_facts, parse_operations
+from actors.agent.prompts import extractor_messages, manager_messages, visible_memory_ids
 from common.config import Config
 from common.types import Conversation, Fact, MemoryItem, Role, Session, Turn
 from memory_service.bank import MemoryBank

