@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 
-from actors.fleet.cluster import init_ray
-from actors.fleet.fleet import RolloutBatch, RolloutPool, worker_resources
+from actors.engines.models import check_model_name
+from actors.fleet.batch import RolloutBatch
+from actors.fleet.cluster import fleet_asks, init_ray
+from actors.fleet.fleet import RolloutFleet
+from actors.fleet.tasks import plan_step
 from common.config import Config, load_config
 from common.data import load_dataset, split
 
@@ -35,17 +38,22 @@ def smoke_config(path: str | None, overrides: list[str]) -> Config:
 
 def run_rollouts(cfg: Config) -> dict:
     start = time.perf_counter()
-    init_ray(cfg.cluster, {"rollout actor": [worker_resources(cfg)] * cfg.rollout.num_actors})
+    check_model_name(cfg.model.name)  # one line here, not a traceback from inside every worker
     conversations = split(load_dataset(cfg.data), cfg.data)["train"]
-    pool = RolloutPool(cfg)
-    started = time.perf_counter()
-    batch = pool.collect(conversations, cfg.rollout.horizon, step=0)
-    report = summarize(batch, pool.engine, len(pool.workers))
+    init_ray(cfg.cluster, fleet_asks(cfg))
+    fleet = RolloutFleet(cfg, run=cfg.metrics.run_name or "rollout")
+    try:
+        started = time.perf_counter()
+        batch = fleet.run(plan_step(cfg, conversations, cfg.rollout.horizon, step=0))
+        report = summarize(batch, fleet)
+    finally:
+        fleet.shutdown()
     report["startup_s"] = started - start
     report["wall_s"] = time.perf_counter() - start
-    pool.shutdown()
     return report
 
 
-def summarize(batch: RolloutBatch, engine: str, actors: int) -> dict:
-    return {"engine": engine, "actors": actors, **batch.summary(), "collect_s": batch.wall_s}
+def summarize(batch: RolloutBatch, fleet: RolloutFleet) -> dict:
+    engines = {s.info["engine"] for s in fleet.live()}
+    return {"engine": ",".join(sorted(engines)), "actors": len(fleet.live()), **batch.summary(), "collect_s": batch.wall_s,
+            **fleet.status()}

@@ -69,9 +69,13 @@ class MemoryConfig(Section):
 
 class RolloutConfig(Section):
     engine: Literal["vllm", "transformers"] = "vllm"
+    # The fleet's size at start; with cluster.autoscale_min/max_actors unset, its fixed size.
     num_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    # Custom Ray resources per worker, e.g. {rollout: 1} to keep workers on KubeRay's rollout group.
+    resources: dict[str, float] = {}
+    tasks_per_worker: int = Field(1, ge=1)  # tasks a worker holds at once (and the scaling unit)
     chunks_per_session: int = Field(2, ge=1)  # K in DESIGN §1 (the paper: 6)
     n_global: int = Field(8, ge=2)  # n: full rollouts per conversation (the paper: 16)
     m_local: int = Field(2, ge=2)  # m: branches per local group (the paper: 4)
@@ -123,6 +127,7 @@ class LearnerConfig(Section):
     # Rollouts and updates alternate, so on a laptop one rank may use every core the actors use.
     cpus_per_rank: float = Field(2.0, gt=0)
     gpus_per_rank: float | None = Field(None, ge=0)  # None: 1 when CUDA is present, else 0
+    resources: dict[str, float] = {}  # custom Ray resources per rank, e.g. {learner: 1}
     weight_decay: float = Field(0.0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 2
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
@@ -196,8 +201,15 @@ class TrainConfig(Section):
 class ClusterConfig(Section):
     address: str | None = None  # None: start a local Ray cluster; "auto": join the running one
     num_cpus: int | None = None
-    autoscale_min_actors: int = Field(1, ge=0)
-    autoscale_max_actors: int = Field(8, ge=1)
+    # The rollout fleet sizes itself between these by its backlog (actors.fleet.scaling); unset,
+    # either one is rollout.num_actors, so the default fleet has a fixed size.
+    autoscale_min_actors: int | None = Field(None, ge=1)
+    autoscale_max_actors: int | None = Field(None, ge=1)
+    scale_down_delay_s: float = Field(120.0, ge=0)  # shrink only to the largest need of this window
+    worker_placement: Literal["spread", "default"] = "spread"  # Ray's SPREAD over nodes, or its default packing
+    # A worker with tasks that returns nothing for this long is dropped as hung (None: never).
+    task_timeout_s: float | None = Field(1800.0, gt=0)
+    max_task_attempts: int = Field(3, ge=1)  # a task that loses this many workers stops the job
     log_to_driver: bool = False  # actors' stdout (vLLM's logs) in the driver's terminal
     # How long the job waits for the cluster to hold all its actors before it stops with an error
     # naming what it asked for (an autoscaler may add nodes meanwhile); None waits forever.
@@ -206,7 +218,9 @@ class ClusterConfig(Section):
 
 class MetricsConfig(Section):
     prometheus: bool = True
-    run_dir: str = "runs"
+    # None: ./runs, or ~/memr2-runs under `ray job submit` (its working dir is a temporary copy).
+    # Across nodes, learner ranks write checkpoints here: a file system every learner node sees.
+    run_dir: str | None = None
     run_name: str | None = None  # None: a timestamped name
 
 
@@ -223,6 +237,19 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _fleet_bounds(self) -> Config:
+        c, n = self.cluster, self.rollout.num_actors
+        lo = n if c.autoscale_min_actors is None else c.autoscale_min_actors
+        hi = n if c.autoscale_max_actors is None else c.autoscale_max_actors
+        if lo > hi:
+            raise ValueError(f"cluster.autoscale_min_actors ({lo}) exceeds cluster.autoscale_max_actors ({hi})")
+        if n < lo:
+            raise ValueError(f"rollout.num_actors ({n}, the fleet's size at start) is below cluster.autoscale_min_actors ({lo})")
+        if n > hi:
+            raise ValueError(f"rollout.num_actors ({n}, the fleet's size at start) is above cluster.autoscale_max_actors ({hi})")
+        return self
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -286,11 +313,11 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "config"
+    key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"unknown config key {key}"
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f", got {got!r}"
-    return f"config {key}: {msg}{shown}{more}"
+    return f"config {key}: {msg}{shown}{more}" if key else f"config: {msg}{more}"

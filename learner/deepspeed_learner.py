@@ -31,7 +31,7 @@ from learner.ranks import LearnerRank
 
 def rank_resources(cfg: LearnerConfig) -> dict[str, float]:
     gpus = (1.0 if torch.cuda.is_available() else 0.0) if cfg.gpus_per_rank is None else cfg.gpus_per_rank
-    return {"CPU": cfg.cpus_per_rank, "GPU": gpus}
+    return {"CPU": cfg.cpus_per_rank, "GPU": gpus, **cfg.resources}
 
 
 class Learner:
@@ -48,7 +48,7 @@ class Learner:
         self.train_calls = 0
         need = rank_resources(cfg)
         threads = max(1, int(cfg.cpus_per_rank))
-        actor = ray.remote(LearnerRank).options(num_cpus=need["CPU"], num_gpus=need["GPU"])
+        actor = ray.remote(LearnerRank).options(num_cpus=need["CPU"], num_gpus=need["GPU"], resources=dict(cfg.resources))
         self.ranks = [actor.remote(r, cfg.num_ranks, threads) for r in range(cfg.num_ranks)]
         start = time.perf_counter()
         try:

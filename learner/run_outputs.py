@@ -4,9 +4,11 @@ the learning-curve PNG."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from common.config import Config
 from common.metrics import MetricsLog
@@ -28,15 +30,33 @@ class TrainState:
     validations: list[dict] = field(default_factory=list)
 
 
+Resume = Literal["never", "always", "auto"]
+
+
+def run_root(cfg: Config) -> Path:
+    """metrics.run_dir; unset, ./runs, or ~/memr2-runs for a `ray job submit` entrypoint, whose
+    working directory is a temporary copy that Ray deletes."""
+    if cfg.metrics.run_dir:
+        return Path(cfg.metrics.run_dir).expanduser()
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor for the entrypoint
+        return Path.home() / "memr2-runs"
+    return Path("runs")
+
+
 class RunDir:
-    def __init__(self, cfg: Config, resume: bool) -> None:
+    """resume: "always" needs a checkpointed run; "auto" resumes one if present and starts fresh
+    otherwise (a retried RayJob continues instead of restarting); "never" refuses to overwrite."""
+
+    def __init__(self, cfg: Config, resume: Resume) -> None:
         name = cfg.metrics.run_name or time.strftime("train-%Y%m%d-%H%M%S")
         self.name = name
-        self.path = Path(cfg.metrics.run_dir) / name
-        if self.path.exists() and not resume and (self.path / "state.json").exists():
+        self.path = run_root(cfg) / name
+        checkpointed = (self.path / "state.json").exists()
+        if resume == "never" and checkpointed:
             raise ValueError(f"run {self.path} exists: pass --resume to continue it or choose metrics.run_name")
-        if resume and not (self.path / "state.json").exists():
+        if resume == "always" and not checkpointed:
             raise ValueError(f"--resume: no checkpointed run at {self.path} (set metrics.run_name)")
+        self.resumed = checkpointed and resume != "never"
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.path / "checkpoints"
         self.metrics = MetricsLog(self.path / "metrics.jsonl", cfg.metrics.prometheus)

@@ -10,33 +10,36 @@ import shutil
 import statistics
 import time
 
-import ray
 from tqdm import tqdm
 
-from actors.fleet.cluster import Asks, init_ray
 from actors.agent.episode import request_seed
-from actors.fleet.fleet import RolloutPool, worker_resources
+from actors.engines.models import check_model_name
+from actors.fleet.cluster import Asks, fleet_asks, init_ray
+from actors.fleet.fleet import RolloutFleet
+from actors.fleet.tasks import plan_step
 from common.config import Config
 from common.data import load_dataset, split
 from common.types import Conversation
 from learner.deepspeed_learner import Learner, rank_resources
-from learner.run_outputs import RunDir, TrainState
+from learner.run_outputs import Resume, RunDir, TrainState
 from learner.warmstart import warm_model
 from learner.weight_sync import check_sync_mode, sync_weights
 
 
-def train_step(pool: RolloutPool, learner: Learner, conversations: list[Conversation], horizon: int, step: int) -> dict:
+def train_step(fleet: RolloutFleet, learner: Learner, conversations: list[Conversation], horizon: int, step: int) -> dict:
     t0 = time.perf_counter()
-    batch = pool.rollouts(conversations, horizon, step)  # n global rollouts each; rewards r_G(i, t)
-    pool.local_rerollouts(batch, step)  # m branches from anchor snapshots M_{t-1}; rewards r_L
+    # One global task per conversation; local tasks from anchors drawn before any rollout starts.
+    plan = plan_step(fleet.cfg, conversations, horizon, step)
+    # n global rollouts each (rewards r_G(i, t)) and, as soon as an anchor's snapshot M_{t-1}
+    # exists, m branches of session t from it (rewards r_L), on whichever workers are live.
+    batch = fleet.run(plan)
     t1 = time.perf_counter()
     update = {}
     if batch.groups:  # groups whose rewards all tie carry no signal: dropped (and counted) above
-        tables = ray.get([g.table for g in batch.groups])
-        rows = learner.prepare(tables)  # advantages: z-scores within each global and local group
+        rows = learner.prepare([g.table for g in batch.groups])  # advantages: z-scores within each group
         update = learner.update(rows)  # the LoGo-GRPO update
     t2 = time.perf_counter()
-    sync_s = sync_weights(learner, pool) if update else 0.0  # new weights, new policy version
+    sync_s = sync_weights(learner, fleet) if update else 0.0  # new weights, new policy version
     return {
         **batch.summary(),
         "rollout_s": t1 - t0,
@@ -44,11 +47,13 @@ def train_step(pool: RolloutPool, learner: Learner, conversations: list[Conversa
         "sync_s": sync_s,
         "step_time_s": time.perf_counter() - t0,
         **{k: update[k] for k in ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "policy_version") if k in update},
+        "live_workers": len(fleet.live()),
+        **fleet.take_faults(),  # worker_failures, tasks_retried, duplicate_results in this step
     }
 
 
-def validate(pool: RolloutPool, conversations: list[Conversation], horizon: int) -> dict:
-    scores = pool.evaluate(conversations, horizon)
+def validate(fleet: RolloutFleet, conversations: list[Conversation], horizon: int) -> dict:
+    scores = fleet.evaluate(conversations, horizon)
     return {"val_f1": statistics.fmean(s.f1 for s in scores), "val_m_fail": statistics.fmean(s.m_fail for s in scores)}
 
 
@@ -58,39 +63,40 @@ def epoch_batches(conversations: list[Conversation], per_step: int, seed: int, s
     return [order[i : i + per_step] for i in range(0, len(order), per_step)]
 
 
-def run(cfg: Config, resume: bool = False) -> dict:
+def run(cfg: Config, resume: Resume = "never") -> dict:
     start = time.perf_counter()
     check_sync_mode(cfg.learner.weight_sync)
+    check_model_name(cfg.model.name)  # one line here, not a traceback from inside every worker
     out = RunDir(cfg, resume)
-    init_ray(cfg.cluster, _asks(cfg))
     data = split(load_dataset(cfg.data), cfg.data)
+    init_ray(cfg.cluster, _asks(cfg))
     model_dir, warm = warm_model(cfg, out.path)
     stages = cfg.curriculum.stages
     val_horizon = stages[-1].horizon  # every validation on the final task, so all are comparable
     learner = Learner(str(model_dir), cfg.algo, cfg.learner, cfg.seed)
-    pool = RolloutPool(cfg)
+    fleet = RolloutFleet(cfg, run=out.name, other_bundles=_asks(cfg)["learner rank"])
     state = TrainState()
-    if resume:
+    if out.resumed:
         state = out.load_state()
         learner.load_checkpoint(str(out.checkpoints), state.checkpoint)
         out.metrics.truncate_after(state.step)
-    sync_weights(learner, pool)  # engines start from the learner's weights, version stamped
+    sync_weights(learner, fleet)  # engines start from the learner's weights, version stamped
     if state.val_f1_start is None:
-        state.val_f1_start = _validate(out, pool, data["val"], val_horizon, state)
+        state.val_f1_start = _validate(out, fleet, data["val"], val_horizon, state)
     total = sum(len(epoch_batches(data["train"], cfg.train.conversations_per_step, 0, 0, 0)) * s.epochs for s in stages)
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step")
     while state.stage < len(stages) and not _stop(cfg, state):
         stage = stages[state.stage]
         batches = epoch_batches(data["train"], cfg.train.conversations_per_step, cfg.seed, state.stage, state.epoch)
         while state.batch < len(batches) and not _stop(cfg, state):
-            row = train_step(pool, learner, batches[state.batch], stage.horizon, state.step)
+            row = train_step(fleet, learner, batches[state.batch], stage.horizon, state.step)
             state.step, state.batch = state.step + 1, state.batch + 1
             out.metrics.write({"step": state.step, "stage": state.stage, "horizon": stage.horizon, **row}, out.name)
             bar.update()
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", val=f"{state.val_f1_last or 0:.3f}")
             epoch_done = state.batch == len(batches)
             if epoch_done:  # moves on to the next epoch, maybe the next stage
-                _end_epoch(cfg, out, pool, learner, data["val"], val_horizon, state)
+                _end_epoch(cfg, out, fleet, learner, data["val"], val_horizon, state)
             _checkpoint(out, learner, state)
             if epoch_done:
                 break
@@ -106,26 +112,25 @@ def run(cfg: Config, resume: bool = False) -> dict:
     }
     out.write_summary(summary)
     out.plot()
-    pool.shutdown()
+    fleet.shutdown()
     learner.shutdown()
     return summary
 
 
 def _asks(cfg: Config) -> Asks:
-    return {"rollout actor": [worker_resources(cfg)] * cfg.rollout.num_actors,
-            "learner rank": [rank_resources(cfg.learner)] * cfg.learner.num_ranks}
+    return {**fleet_asks(cfg), "learner rank": [rank_resources(cfg.learner)] * cfg.learner.num_ranks}
 
 
 def _stop(cfg: Config, state: TrainState) -> bool:
     return cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
 
 
-def _end_epoch(cfg, out, pool, learner, val, val_horizon, state) -> None:
+def _end_epoch(cfg, out, fleet, learner, val, val_horizon, state) -> None:
     """Validate, keep the best checkpoint of the stage, and start the next stage from it."""
     state.epoch, state.batch = state.epoch + 1, 0
     stage = cfg.curriculum.stages[state.stage]
     if state.epoch % cfg.curriculum.val_every == 0 or state.epoch == stage.epochs:
-        f1 = _validate(out, pool, val, val_horizon, state)
+        f1 = _validate(out, fleet, val, val_horizon, state)
         if state.best_val_f1 is None or f1 > state.best_val_f1:
             state.best_val_f1, state.best_tag = f1, f"best-stage{state.stage}"
             learner.save_checkpoint(str(out.checkpoints), state.best_tag)
@@ -133,11 +138,11 @@ def _end_epoch(cfg, out, pool, learner, val, val_horizon, state) -> None:
         state.stage, state.epoch = state.stage + 1, 0
         if state.stage < len(cfg.curriculum.stages) and state.best_tag:
             learner.load_checkpoint(str(out.checkpoints), state.best_tag, as_new_version=True)
-            sync_weights(learner, pool)
+            sync_weights(learner, fleet)
 
 
-def _validate(out: RunDir, pool: RolloutPool, val: list[Conversation], horizon: int, state: TrainState) -> float:
-    result = validate(pool, val, horizon)
+def _validate(out: RunDir, fleet: RolloutFleet, val: list[Conversation], horizon: int, state: TrainState) -> float:
+    result = validate(fleet, val, horizon)
     state.val_f1_last = result["val_f1"]
     state.validations.append({"step": state.step, **result})
     out.metrics.write({"step": state.step, "stage": state.stage, "horizon": horizon, **result}, out.name)

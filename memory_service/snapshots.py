@@ -1,21 +1,21 @@
-"""Snapshot ids: hold a bank state by name, restore it here or in another Ray actor.
+"""Snapshots that outlive the worker that took them.
 
-Within a process a snapshot is just a reference to an immutable bank (O(1) to take and restore).
-A snapshot is serialised only when another actor asks for it: `share()` puts it in the Ray object
-store once and registers the object ref under its id with a named registry actor, so a local
-rerollout can run on a different actor than its anchor rollout.
+Within a process a snapshot is a reference to an immutable bank (`MemoryBank.fork`, O(1)). A
+snapshot that another actor needs (the anchor rollout's `M_{t-1}`, re-run by a local task on any
+worker) is handed by value to the step's `SnapshotKeeper` the moment it exists. The keeper puts it
+in the object store itself, so the object is owned by the keeper and stored on the keeper's node:
+it survives the death of the worker process *and* the loss of the worker's node (an object a
+worker `ray.put`s, even with `_owner=`, still lives in that node's store). The driver starts the
+keeper on its own node, so it lives as long as the job.
 """
 
 from __future__ import annotations
 
-import itertools
-import uuid
+import asyncio
 
 import ray
 
 from memory_service.bank import MemoryBank
-
-REGISTRY_NAME = "memr2-snapshot-registry"
 
 
 class SnapshotNotFound(KeyError):
@@ -24,84 +24,44 @@ class SnapshotNotFound(KeyError):
 
 
 @ray.remote(num_cpus=0)
-class SnapshotRegistry:
-    """Snapshot id -> object ref. Holding the ref keeps the object alive until `release`."""
+class SnapshotKeeper:
+    """Snapshot id -> object ref owned here. All methods are async: `wait` parks until `publish`."""
 
     def __init__(self) -> None:
         self._refs: dict[str, ray.ObjectRef] = {}
+        self._published: dict[str, asyncio.Event] = {}
 
-    def publish(self, snapshot_id: str, wrapped_ref: list) -> None:
-        # The ref arrives wrapped in a list so Ray passes the ref itself, not the value behind it.
-        self._refs[snapshot_id] = wrapped_ref[0]
+    async def publish(self, snapshot_id: str, bank: MemoryBank) -> bool:
+        """Keep `bank` under `snapshot_id`. The first copy wins: a task re-run after its worker died
+        publishes the same id again, and the local task may already be running from the first."""
+        if snapshot_id in self._refs:
+            return False
+        self._refs[snapshot_id] = ray.put(bank)
+        self._event(snapshot_id).set()
+        return True
 
-    def lookup(self, snapshot_id: str) -> list | None:
+    async def wait(self, snapshot_id: str) -> list[ray.ObjectRef]:
+        """The snapshot's ref, wrapped in a list so Ray hands over the ref, not the bank; returns
+        once it is published (the driver holds this call's result as a readiness signal)."""
+        await self._event(snapshot_id).wait()
+        return [self._refs[snapshot_id]]
+
+    async def lookup(self, snapshot_id: str) -> list[ray.ObjectRef]:
         ref = self._refs.get(snapshot_id)
-        return None if ref is None else [ref]
+        if ref is None:
+            raise SnapshotNotFound(snapshot_id)
+        return [ref]
 
-    def release(self, prefix: str) -> int:
+    async def release(self, prefix: str) -> int:
+        """Forget every snapshot whose id starts with `prefix` (the end of a step)."""
         gone = [k for k in self._refs if k.startswith(prefix)]
         for k in gone:
             del self._refs[k]
+            self._published.pop(k, None)
         return len(gone)
 
-    def size(self) -> int:
+    async def size(self) -> int:
         return len(self._refs)
 
-
-def snapshot_registry() -> ray.actor.ActorHandle:
-    """The job's registry, created on first use. Its lifetime is its creator's: the driver creates
-    it up front (see actors.fleet.fleet) so that it outlives any one rollout worker."""
-    return SnapshotRegistry.options(name=REGISTRY_NAME, get_if_exists=True).remote()
-
-
-class SnapshotStore:
-    """Snapshots of this process by id; ids are unique across the cluster (a random namespace)."""
-
-    def __init__(self, namespace: str | None = None) -> None:
-        self.namespace = namespace or uuid.uuid4().hex[:10]
-        self._snapshots: dict[str, MemoryBank] = {}
-        self._shared: set[str] = set()
-        self._counter = itertools.count()
-        self.forks = 0  # snapshots taken, for the rollout metrics
-
-    def put(self, bank: MemoryBank) -> str:
-        snapshot_id = f"{self.namespace}:{next(self._counter)}"
-        self._snapshots[snapshot_id] = bank
-        self.forks += 1
-        return snapshot_id
-
-    def get(self, snapshot_id: str) -> MemoryBank:
-        """A fork of the snapshot: from this process if it is here, else from the registry."""
-        bank = self._snapshots.get(snapshot_id)
-        if bank is None:
-            bank = self._fetch(snapshot_id)
-            self._snapshots[snapshot_id] = bank
-        return bank.fork()
-
-    def share(self, snapshot_id: str) -> None:
-        """Make the snapshot restorable from any actor of the Ray cluster (idempotent)."""
-        if snapshot_id in self._shared:
-            return
-        if snapshot_id not in self._snapshots:
-            raise SnapshotNotFound(snapshot_id)
-        ref = ray.put(self._snapshots[snapshot_id])
-        ray.get(snapshot_registry().publish.remote(snapshot_id, [ref]))
-        self._shared.add(snapshot_id)
-
-    def release_all(self) -> None:
-        """Forget this store's snapshots here and in the registry (end of a training step)."""
-        if self._shared and ray.is_initialized():
-            ray.get(snapshot_registry().release.remote(f"{self.namespace}:"))
-        self._snapshots.clear()
-        self._shared.clear()
-
-    def __len__(self) -> int:
-        return len(self._snapshots)
-
-    def _fetch(self, snapshot_id: str) -> MemoryBank:
-        if not ray.is_initialized():
-            raise SnapshotNotFound(snapshot_id)
-        wrapped = ray.get(snapshot_registry().lookup.remote(snapshot_id))
-        if wrapped is None:
-            raise SnapshotNotFound(snapshot_id)
-        return ray.get(wrapped[0])
+    def _event(self, snapshot_id: str) -> asyncio.Event:
+        return self._published.setdefault(snapshot_id, asyncio.Event())

@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="LoGo-GRPO training: rollouts, local rerollouts, update, weight sync, curriculum")
     _add_config_args(train)
-    train.add_argument("--resume", action="store_true", help="continue the run named by metrics.run_name from its last step")
+    train.add_argument("--resume", nargs="?", const="always", default="never", choices=["always", "auto"],
+                       help="continue the run named by metrics.run_name from its last step; "
+                            "'--resume auto' resumes if it has a checkpoint and starts fresh otherwise (retried jobs)")
     train.set_defaults(fn=_cmd_train)
 
     warm = sub.add_parser("warmstart", help="supervised warm start on a synthetic world's gold facts and operations")

@@ -14,7 +14,6 @@ from actors.agent.rewards import compression, dialogue_tokens
 from common.config import load_config
 from common.types import QA, Conversation, Fact, Operation, Session, Turn, table_to_samples
 from memory_service.bank import MemoryBank
-from memory_service.snapshots import SnapshotStore
 from tests.fakes import ScriptedEngine
 
 DIA = re.compile(r"^(D\d+:\d+) (\w+): (.*)$", re.M)
@@ -86,9 +85,9 @@ def test_one_session_in_lockstep_gives_known_memories_and_counts(cfg):
 
 def test_global_and_local_groups_have_known_keys_and_rewards(cfg):
     conv = conversation()
-    store = SnapshotStore("t")
-    collector = GroupCollector(EpisodeRunner(ScriptedEngine(respond), cfg), ReaderAgent(), store, cfg)
-    result = collector.run_global(conv, horizon=2, n=3, step=0)
+    collector = GroupCollector(EpisodeRunner(ScriptedEngine(respond), cfg), ReaderAgent(), cfg)
+    snapshots = []  # (session, lane 0's bank before it)
+    result = collector.run_global(conv, horizon=2, n=3, key="step0/global/c1", keep=lambda s, lanes: snapshots.append((s.index, lanes[0].bank)))
     # Q_1 = {Rex} (latest evidence in session 1), Q_2 = {Alice's city}; category 5 is excluded.
     assert [g.group_id for g in result.groups] == ["c1/s1", "c1/s2"]
     assert all(g.kind == "global" for g in result.groups)
@@ -106,8 +105,9 @@ def test_global_and_local_groups_have_known_keys_and_rewards(cfg):
     assert all(s.session == 1 and s.group_id == "c1/s1" and s.reward == rex.rewards[s.rollout] for s in samples)
 
     # Snapshots: before session 1 every lane is empty; before session 2 lane 0 holds two memories.
-    assert len(store.get(result.snapshots[0][0])) == 0 and len(store.get(result.snapshots[0][1])) == 2
-    group, stats = collector.run_local(conv, 2, result.snapshots[0][1], anchor=0, m=2, step=0)
+    assert [(t, len(bank)) for t, bank in snapshots] == [(1, 0), (2, 2)]
+    local = collector.run_local(conv, 2, snapshots[1][1], anchor=0, m=2, key="step0/local/c1/s2/anchor0")
+    group, stats = local.group, local.stats
     assert group.group_id == "c1/s2/anchor0" and group.kind == "local"
     # Both branches start from lane 0's two memories. Branch 0 inserts "Denver" (the reader may
     # still pick "Boston"), branch 1 keeps nothing new: F1 on {Rex, Alice's city} and compression differ.

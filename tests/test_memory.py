@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 from common.types import Operation
 from memory_service.bank import InvalidOperation, MemoryBank
-from memory_service.snapshots import SnapshotNotFound, SnapshotStore
 
 WORDS = ["alice", "moved", "denver", "dog", "rex", "job", "nurse", "bakery", "sister", "paints", "runs", "bob"]
 text = st.lists(st.sampled_from(WORDS), min_size=1, max_size=8).map(" ".join)
@@ -82,11 +81,9 @@ def test_invalid_ids_are_rejected_without_changing_the_bank(ops, mid):
 @settings(max_examples=50, deadline=None)
 @given(st.lists(operation, max_size=20))
 def test_a_restored_snapshot_equals_the_original(ops):
-    store = SnapshotStore()
     bank = bank_from(ops)
-    sid = store.put(bank)
-    later, _ = bank.apply_all([Operation("INSERT", speaker="Bob", content="bob runs")])
-    restored = store.get(sid)
+    restored = bank.fork()  # the snapshot a local branch starts from
+    later, _ = restored.apply_all([Operation("INSERT", speaker="Bob", content="bob runs")])
     assert restored.as_dict() == bank.as_dict() != later.as_dict()
     assert restored.next_id == bank.next_id and restored.tokens == bank.tokens
     # Through pickle too: the form in which a snapshot crosses to another actor.
@@ -140,7 +137,3 @@ def test_bm25_ranks_the_related_memory_first_and_filters_by_speaker():
     assert [m.id for m in bank.retrieve("dog named Rex", 2)] == ["1"]  # only memories sharing terms
     assert [m.speaker for m in bank.retrieve("moving to Denver", 5, speaker="Bob")] == ["Bob"]
 
-
-def test_unknown_snapshot_id_is_a_clear_error():
-    with pytest.raises(SnapshotNotFound, match="no snapshot with id 'nope:1'"):
-        SnapshotStore().get("nope:1")

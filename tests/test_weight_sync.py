@@ -1,5 +1,8 @@
 """Weight sync from the DeepSpeed learner to vLLM rollout engines: exact, versioned, and caught up
-by late actors."""
+by a worker that replaces a dead one."""
+
+import os
+import signal
 
 import pyarrow as pa
 import pytest
@@ -8,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from actors.engines.models import resolve_model
-from actors.fleet.fleet import RolloutPool
+from actors.fleet.fleet import RolloutFleet
+from actors.fleet.tasks import plan_step
 from actors.rollout_job import smoke_config
 from common.data import load_dataset, split
 from common.types import StepSample, samples_to_table
@@ -30,18 +34,19 @@ def test_after_a_sync_every_engine_holds_the_learners_weights_exactly(ray_local,
                               "learner.frozen_layers=0", "learner.bf16=off"])
     model_dir = resolve_model("tiny")
     learner = Learner(str(model_dir), cfg.algo, cfg.learner, cfg.seed)
-    pool = RolloutPool(cfg)
+    fleet = RolloutFleet(cfg)
+    fingerprints = lambda: ray.get([s.handle.weight_fingerprint.remote() for s in fleet.live()])  # noqa: E731
     try:
-        before = ray.get([w.weight_fingerprint.remote() for w in pool.workers])
+        before = fingerprints()
         learner.train(batch_with_signal())
-        sync_weights(learner, pool)
-        after = ray.get([w.weight_fingerprint.remote() for w in pool.workers])
+        sync_weights(learner, fleet)
+        after = fingerprints()
         assert after[0] == after[1] != before[0]  # the update changed them, both engines agree
 
         # Exactly the learner's: an engine started fresh from the learner's saved weights matches.
         learner.save_pretrained(str(tmp_path / "learner"))
-        fresh = RolloutPool(cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(tmp_path / "learner")}), "rollout": cfg.rollout.model_copy(update={"num_actors": 1})}))
-        assert ray.get(fresh.workers[0].weight_fingerprint.remote()) == after[0]
+        fresh = RolloutFleet(cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(tmp_path / "learner")}), "rollout": cfg.rollout.model_copy(update={"num_actors": 1})}))
+        assert ray.get(fresh.live()[0].handle.weight_fingerprint.remote()) == after[0]
         fresh.shutdown()
 
         # Greedy generations agree with the learner's weights run by transformers.
@@ -49,19 +54,25 @@ def test_after_a_sync_every_engine_holds_the_learners_weights_exactly(ray_local,
         prompt = [1, 5, 9, 12, 30, 31]
         with torch.no_grad():
             expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
-        got = ray.get(pool.workers[0].greedy.remote(prompt, 12))
+        got = ray.get(fleet.live()[0].handle.greedy.remote(prompt, 12))
         assert got == expected[: len(got)] and len(got) > 0
 
-        # Versions: engines stamp the learner's version; a late actor catches up before rolling out.
-        assert [i["policy_version"] for i in ray.get([w.info.remote() for w in pool.workers])] == [learner.version] * 2
-        late = RolloutPool(cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_actors": 1})}))
-        assert ray.get(late.workers[0].pull_latest_policy.remote()) == learner.version
-        assert ray.get(late.workers[0].weight_fingerprint.remote()) == after[0]
+        # Versions: engines stamp the learner's version. A worker killed between steps is replaced
+        # at the next step, and the replacement pulls the current policy before its first task.
+        assert [i["policy_version"] for i in ray.get([s.handle.info.remote() for s in fleet.live()])] == [learner.version] * 2
+        victim = fleet.live()[0].info["pid"]
+        os.kill(victim, signal.SIGKILL)
         conversations = split(load_dataset(cfg.data), cfg.data)["train"]
-        batch = late.rollouts(conversations, 1, step=0)
+        batch = fleet.run(plan_step(cfg, conversations, 1, step=0))  # the step completes on the survivor
+        assert fleet.take_faults()["worker_failures"] == 1
+        fleet.await_target()
+        assert len(fleet.live()) == 2 and victim not in {s.info["pid"] for s in fleet.live()}
+        assert [i["policy_version"] for i in ray.get([s.handle.info.remote() for s in fleet.live()])] == [learner.version] * 2
+        assert fingerprints() == [after[0]] * 2
         assert batch.policy_versions == {learner.version}  # every group, kept or degenerate
-        assert all(set(ray.get(g.table)["policy_version"].to_pylist()) == {learner.version} for g in batch.groups)
-        late.shutdown()
+        batch = fleet.run(plan_step(cfg, conversations, 1, step=1))
+        assert batch.policy_versions == {learner.version}
+        assert all(set(g.table["policy_version"].to_pylist()) == {learner.version} for g in batch.groups)
     finally:
-        pool.shutdown()
+        fleet.shutdown()
         learner.shutdown()

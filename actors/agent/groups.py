@@ -3,12 +3,15 @@
 Global group (conv, t): the n full rollouts' steps of session t, each rewarded by r_G(i, t).
 Local group (conv, t, anchor): m branches re-running only session t from the anchor rollout's
 snapshot M_{t-1}, each rewarded on the branched M_t. Every group leaves as one Arrow table.
+
+Sampling seeds derive from the caller's `key` (the task's id) and the lane, never from which
+engine or worker runs the group, so a group re-run elsewhere sends the same requests.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -25,9 +28,11 @@ from actors.agent.rewards import (
     scored_questions,
 )
 from common.config import Config
-from common.types import QA, Conversation, GroupKind, StepSample, samples_to_table
+from common.types import QA, Conversation, GroupKind, Session, StepSample, samples_to_table
 from memory_service.bank import MemoryBank
-from memory_service.snapshots import SnapshotStore
+
+# Called before each session of a global rollout with every lane: where snapshots M_{t-1} are taken.
+Keep = Callable[[Session, Sequence["Lane"]], None]
 
 
 @dataclass(slots=True)
@@ -71,32 +76,36 @@ class LaneStats:
 
 @dataclass(slots=True)
 class GlobalResult:
-    groups: list[Group]  # one per session t
-    snapshots: list[list[str]]  # snapshots[i][t-1]: rollout i's memory before session t
+    groups: list[Group]  # one per session t with questions
     stats: LaneStats
     final_scores: list[MemoryScore]  # rollout i's terminal memory on every scored question
 
 
-class GroupCollector:
-    """Runs groups with one engine, one answer agent and one snapshot store (one per actor)."""
+@dataclass(slots=True)
+class LocalResult:
+    group: Group
+    stats: LaneStats
 
-    def __init__(self, runner: EpisodeRunner, answer_agent: AnswerAgent, store: SnapshotStore, cfg: Config) -> None:
-        self.runner, self.answer_agent, self.store, self.cfg = runner, answer_agent, store, cfg
+
+class GroupCollector:
+    """Runs groups with one engine and one answer agent (one of each per worker)."""
+
+    def __init__(self, runner: EpisodeRunner, answer_agent: AnswerAgent, cfg: Config) -> None:
+        self.runner, self.answer_agent, self.cfg = runner, answer_agent, cfg
 
     def spec(self) -> SamplingSpec:
         r = self.cfg.rollout
         return SamplingSpec(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
 
-    def run_global(self, conv: Conversation, horizon: int, n: int, step: int) -> GlobalResult:
-        """n full rollouts over sessions 1..T, keeping every lane's snapshot before each session."""
+    def run_global(self, conv: Conversation, horizon: int, n: int, key: str, keep: Keep | None = None) -> GlobalResult:
+        """n full rollouts over sessions 1..T; `keep` sees every lane before each session."""
         horizon = min(horizon, len(conv.sessions))
         lanes = [Lane(MemoryBank.empty(self.cfg.memory.retriever)) for _ in range(n)]
-        snapshots: list[list[str]] = [[] for _ in range(n)]
         stats, start = LaneStats(), time.perf_counter()
         for session in conv.sessions[:horizon]:
-            for i, lane in enumerate(lanes):
-                snapshots[i].append(self.store.put(lane.bank))
-            self.runner.run_session(lanes, conv, session, self.spec(), (step, conv.sample_id, "global", session.index))
+            if keep is not None:
+                keep(session, lanes)
+            self.runner.run_session(lanes, conv, session, self.spec(), (key, session.index))
         stats.generate_s = time.perf_counter() - start
         stats.add(lanes)
 
@@ -115,15 +124,14 @@ class GroupCollector:
             scores = [memory_score(lane.bank, q_t, [p[j] for j in picked], seen, self.cfg.reward) for lane, p in zip(lanes, predictions)]
             groups.append(self._group("global", f"{conv.sample_id}/s{t}", conv, t, lanes, scores))
         stats.score_s = time.perf_counter() - start
-        return GlobalResult(groups, snapshots, stats, final)
+        return GlobalResult(groups, stats, final)
 
-    def run_local(self, conv: Conversation, t: int, snapshot_id: str, anchor: int, m: int, step: int) -> tuple[Group, LaneStats]:
+    def run_local(self, conv: Conversation, t: int, base: MemoryBank, anchor: int, m: int, key: str) -> LocalResult:
         """m branches of session t from the anchor's snapshot M_{t-1}, scored on the branched M_t."""
-        base = self.store.get(snapshot_id)
         lanes = [Lane(base.fork()) for _ in range(m)]
         session = next(s for s in conv.sessions if s.index == t)
         stats, start = LaneStats(), time.perf_counter()
-        self.runner.run_session(lanes, conv, session, self.spec(), (step, conv.sample_id, "local", t, anchor))
+        self.runner.run_session(lanes, conv, session, self.spec(), (key,))
         stats.generate_s = time.perf_counter() - start
         stats.add(lanes)
 
@@ -133,16 +141,16 @@ class GroupCollector:
         seen = dialogue_tokens(conv, position)
         scores = [memory_score(lane.bank, questions, self._answer(conv, lane.bank, questions), seen, self.cfg.reward) for lane in lanes]
         stats.score_s = time.perf_counter() - start
-        return self._group("local", f"{conv.sample_id}/s{t}/anchor{anchor}", conv, t, lanes, scores), stats
+        return LocalResult(self._group("local", f"{conv.sample_id}/s{t}/anchor{anchor}", conv, t, lanes, scores), stats)
 
-    def evaluate(self, conv: Conversation, horizon: int) -> MemoryScore:
+    def evaluate(self, conv: Conversation, horizon: int, key: str) -> MemoryScore:
         """Validation: one rollout at the evaluation temperature, terminal memory on all questions."""
         horizon = min(horizon, len(conv.sessions))
         r = self.cfg.rollout
         spec = SamplingSpec(temperature=r.eval_temperature, top_p=1.0, max_new_tokens=r.max_new_tokens, seed=0)
         lanes = [Lane(MemoryBank.empty(self.cfg.memory.retriever))]
         for session in conv.sessions[:horizon]:
-            self.runner.run_session(lanes, conv, session, spec, ("eval", conv.sample_id, session.index))
+            self.runner.run_session(lanes, conv, session, spec, (key, session.index))
         questions = questions_up_to(scored_questions(conv, self.cfg.data.exclude_adversarial), horizon)
         bank = lanes[0].bank
         return memory_score(bank, questions, self._answer(conv, bank, questions), dialogue_tokens(conv, horizon), self.cfg.reward)

@@ -197,16 +197,43 @@ def _from_hub(repo_id: str) -> Path:
         raise ValueError(f"model {repo_id!r}: no local checkpoint and the hub download failed ({type(err).__name__})") from None
 
 
+def _kind(name: str) -> str:
+    """'builder', 'folder' or 'hub' for a model name; ValueError (one line) for anything else."""
+    if name in BUILDERS:
+        return "builder"
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return "folder"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not path.exists():
+        return "hub"
+    raise ValueError(f"model {name!r} is neither 'tiny', 'smollm2', a checkpoint directory with config.json nor a hub id")
+
+
+def check_model_name(name: str) -> None:
+    """Fail in one line, in the driver and before any actor starts, when `name` cannot resolve
+    (a hub id must be in the local cache or known to a reachable hub; nothing is downloaded)."""
+    if _kind(name) != "hub":
+        return
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"model {name!r}: no such folder here, not in the local hub cache, and the hub is offline (HF_HUB_OFFLINE)")
+    try:
+        model_info(name)
+    except Exception as err:  # unknown ids, gated repos, no network: one line saying which
+        raise ValueError(f"model {name!r}: no such folder here and the hub does not serve it ({type(err).__name__})") from None
+
+
 def resolve_model(name: str, models_dir: str | Path | None = None) -> Path:
     """'tiny'/'smollm2' -> built once under the models dir; a checkpoint dir as it is; an
     "org/name" hub id (GPU clusters with hub access) -> downloaded once into the HF cache."""
-    if name not in BUILDERS:
-        path = Path(name).expanduser()
-        if (path / "config.json").is_file():
-            return path
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not path.exists():
-            return _from_hub(name)
-        raise ValueError(f"model {name!r} is neither 'tiny', 'smollm2', a checkpoint directory with config.json nor a hub id")
+    kind = _kind(name)
+    if kind == "folder":
+        return Path(name).expanduser()
+    if kind == "hub":
+        return _from_hub(name)
     root = default_models_dir(models_dir)
     final = root / (f"tiny-{_tiny_revision()}" if name == "tiny" else name)
     if (final / "config.json").is_file():

@@ -7,13 +7,21 @@ import os
 
 import ray
 
-from common.config import ClusterConfig
+from actors.fleet.scaling import autoscale_bounds
+from common.config import ClusterConfig, Config
 
 # Every actor runs offline (models come from folders or packages) and quietly.
 ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 Asks = dict[str, list[dict[str, float]]]  # what, e.g. "rollout actor" -> one resource bundle per actor
+
+
+def fleet_asks(cfg: Config) -> Asks:
+    """The rollout fleet at its minimum size: what the cluster must hold for the job to start."""
+    from actors.fleet.fleet import worker_resources
+
+    return {"rollout actor": [worker_resources(cfg)] * autoscale_bounds(cfg)[0]}
 
 
 def init_ray(cfg: ClusterConfig, asks: Asks) -> None:

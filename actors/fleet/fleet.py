@@ -1,172 +1,363 @@
-"""The driver's side of rollouts: a pool of rollout workers fed conversations.
+"""The rollout fleet: workers that join, leave and die mid-run without losing or duplicating a group.
 
-One collection step: every conversation's n global rollouts run on one worker (so a batched
-generate covers all n lanes); then its local groups are drawn (per session t with probability
-p_local, one anchor rollout) and spread over the pool, starting at another worker than the
-anchor's, which then restores the anchor's snapshot by id through the registry.
+The driver deals a step's tasks (actors.fleet.tasks) to whichever workers are live, at most
+`rollout.tasks_per_worker` each; a local task is dealt once its anchor's snapshot is in the
+keeper. Every result enters the step's ledger exactly once, keyed by task id.
+
+    a worker dies (actor killed, kill -9, node removed)  its tasks' refs raise: it is dropped,
+                                                          its tasks are queued again at the front
+    a worker hangs (no result for cluster.task_timeout_s) the same, and it is killed
+    a dropped worker's late result                        accepted if first, else counted and dropped
+    fewer workers than the target                         new ones start; they pull the current
+                                                          policy before their first task
+    backlog above / below the fleet's size                actors.fleet.scaling: grow at once,
+                                                          shrink after a delay by draining
 """
 
 from __future__ import annotations
 
-import random
-import statistics
+import itertools
+import logging
+import re
 import time
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
 
 import ray
+from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
-from actors.agent.episode import request_seed
-from actors.agent.groups import GlobalResult, Group, LaneStats
-from actors.fleet.policy_store import policy_store
 from actors.agent.rewards import MemoryScore
+from actors.fleet.batch import RolloutBatch
+from actors.fleet.metrics import fleet_series
+from actors.fleet.policy_store import PolicyStore, on_this_node
+from actors.fleet.scaling import CapacityRequest, ScalingPolicy
+from actors.fleet.tasks import LocalTask, StepPlan, Task, plan_validation
 from actors.fleet.worker import RolloutWorker
 from common.config import Config
 from common.types import Conversation
-from memory_service.snapshots import snapshot_registry
+from memory_service.snapshots import SnapshotKeeper
+
+log = logging.getLogger("memr2.fleet")
+POLL_S = 0.5  # how often the driver looks at deadlines and the backlog when nothing arrives
+WORKER_LOST = (RayActorError, WorkerCrashedError, ObjectLostError, OwnerDiedError)
+
+
+class RolloutError(RuntimeError):
+    """A task that cannot be completed: it failed in the worker's code, or lost too many workers."""
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
-    return {"CPU": cfg.rollout.cpus_per_actor, "GPU": cfg.rollout.gpus_per_actor}
+    r = cfg.rollout
+    return {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor, **r.resources}
 
 
-@dataclass(slots=True)
-class RolloutBatch:
-    groups: list[Group]  # the groups with signal; tables are object refs
-    degenerate_groups: int = 0
-    global_groups: int = 0
-    local_groups: int = 0
-    episodes: int = 0  # global rollouts + local branches
-    snapshot_forks: int = 0  # branches forked from a stored snapshot
-    cross_actor_restores: int = 0
-    stats: LaneStats = field(default_factory=LaneStats)
-    final_f1: list[float] = field(default_factory=list)  # terminal-memory F1 per global rollout
-    m_fail: list[float] = field(default_factory=list)
-    wall_s: float = 0.0
-    policy_versions: set[int] = field(default_factory=set)  # of every group, kept or not
-    rewards: list[float] = field(default_factory=list)  # of every rollout and branch, kept or not
-    anchors: list[tuple[int, Conversation]] = field(default_factory=list)  # (owner worker, conversation)
-    snapshots: list[list[list[str]]] = field(default_factory=list)  # per conversation: [rollout][t-1]
+class Work(NamedTuple):
+    task: Task
+    snapshot: ray.ObjectRef | None  # a local task's anchor snapshot, resolved by Ray on the worker
 
-    def summary(self) -> dict:
-        """The batch's numbers, as `memr2 rollout` prints them and every training step logs them."""
-        s = self.stats
+
+@dataclass(eq=False)
+class Slot:
+    worker_id: str
+    handle: ray.actor.ActorHandle
+    started_at: float
+    ready: ray.ObjectRef | None  # its info() while starting; None once live
+    info: dict | None = None
+    running: dict[ray.ObjectRef, Work] = field(default_factory=dict)
+    progress_at: float = 0.0  # a dispatch onto it while idle, or its last result: the hang clock
+    draining: bool = False
+
+
+@dataclass
+class Faults:
+    worker_failures: int = 0
+    tasks_retried: int = 0
+    duplicate_results: int = 0
+
+
+@dataclass
+class _Round:
+    """One batch of tasks in flight: the queue, the local tasks waiting for their snapshot, results."""
+
+    queue: deque[Work] = field(default_factory=deque)
+    gated: dict[ray.ObjectRef, LocalTask] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    expected: int = 0
+    attempts: Counter = field(default_factory=Counter)
+
+    def accept(self, task_id: str, value: Any) -> bool:
+        if task_id in self.results:
+            return False
+        self.results[task_id] = value
+        return True
+
+    def done(self) -> bool:
+        return len(self.results) == self.expected
+
+
+class RolloutFleet:
+    def __init__(self, cfg: Config, run: str = "rollout", other_bundles: Iterable[dict[str, float]] = ()) -> None:
+        self.cfg, self.run_name = cfg, run
+        # Started by the driver on its own node: they must outlive any worker and any worker node.
+        here = on_this_node()
+        self.keeper = SnapshotKeeper.options(scheduling_strategy=here).remote()
+        self.policy_store = PolicyStore.options(scheduling_strategy=here).remote()
+        self.policy = ScalingPolicy.from_config(cfg)
+        self.capacity = CapacityRequest(worker_resources(cfg), list(other_bundles))
+        self.series = fleet_series(run, cfg.metrics.prometheus)
+        self._worker_cls = ray.remote(RolloutWorker).options(**self._worker_options())
+        self.slots: dict[str, Slot] = {}
+        self.target = 0
+        self.faults, self.totals = Faults(), Faults()
+        self._orphans: dict[ray.ObjectRef, Work] = {}  # tasks of dropped workers, still watched
+        self._ids = itertools.count()
+        self._start_failures = 0
+        self._eval_rounds = itertools.count()
+        self._await_live(self.policy.target(0))
+
+    def _worker_options(self) -> dict:
+        r, c = self.cfg.rollout, self.cfg.cluster
         return {
-            "episodes": self.episodes,
-            "steps": s.steps,
-            "generated_tokens": s.generated_tokens,
-            "tokens_per_s": s.generated_tokens / self.wall_s if self.wall_s else 0.0,
-            "format_failures": s.format_failures,
-            "rejected_items": s.rejected_items,
-            "global_groups": self.global_groups,
-            "local_groups": self.local_groups,
-            "degenerate_groups": self.degenerate_groups,
-            "snapshot_forks": self.snapshot_forks,
-            "cross_actor_restores": self.cross_actor_restores,
-            "reward_mean": statistics.fmean(self.rewards) if self.rewards else 0.0,  # degenerate groups too
-            "final_f1_mean": statistics.fmean(self.final_f1) if self.final_f1 else 0.0,
-            "m_fail_mean": statistics.fmean(self.m_fail) if self.m_fail else 0.0,
+            "num_cpus": r.cpus_per_actor, "num_gpus": r.gpus_per_actor, "resources": dict(r.resources),
+            "max_restarts": 0, "max_task_retries": 0,  # the fleet replaces and retries, keyed by task
+            "scheduling_strategy": "SPREAD" if c.worker_placement == "spread" else "DEFAULT",
         }
 
+    # ------------------------------------------------------------------ what the driver calls
 
-class RolloutPool:
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        # Created here so the driver owns them: they must outlive any one worker.
-        self.registry, self.policy_store = snapshot_registry(), policy_store()
-        remote_cls = ray.remote(RolloutWorker)
-        need = worker_resources(cfg)
-        self.workers = [
-            remote_cls.options(num_cpus=need["CPU"], num_gpus=need["GPU"]).remote(cfg, i) for i in range(cfg.rollout.num_actors)
-        ]
-        self.infos = ray.get([w.info.remote() for w in self.workers])
-
-    @property
-    def engine(self) -> str:
-        return self.infos[0]["engine"]
-
-    def collect(self, conversations: list[Conversation], horizon: int, step: int) -> RolloutBatch:
-        """Global rollouts, then local rerollouts, then the snapshots are released."""
-        batch = self.rollouts(conversations, horizon, step)
-        self.local_rerollouts(batch, step)
-        return batch
-
-    def rollouts(self, conversations: list[Conversation], horizon: int, step: int) -> RolloutBatch:
-        """n global rollouts per conversation (rewards r_G scored in the actors); every rollout's
-        snapshot before each session stays in its actor for the local rerollouts."""
+    def run(self, plan: StepPlan) -> RolloutBatch:
+        """A step's global and local tasks; the batch in plan order; its snapshots released."""
         start = time.perf_counter()
-        batch = RolloutBatch(groups=[])
-        refs = []
-        for j, conv in enumerate(conversations):
-            owner = j % len(self.workers)
-            refs.append(self.workers[owner].run_global.remote(conv, horizon, self.cfg.rollout.n_global, step))
-            batch.anchors.append((owner, conv))
-        for result in ray.get(refs):
-            self._take_global(batch, result)
+        results = self.run_tasks(plan.tasks)
+        ray.get(self.keeper.release.remote(plan.prefix))
+        batch = RolloutBatch.assemble(plan, results)
         batch.wall_s = time.perf_counter() - start
         return batch
 
-    def local_rerollouts(self, batch: RolloutBatch, step: int) -> None:
-        """For each session t with probability p_local: one anchor rollout's snapshot M_{t-1},
-        re-run m times for session t alone (rewards r_L on the branched M_t)."""
-        start = time.perf_counter()
-        r = self.cfg.rollout
-        rng = random.Random(request_seed(self.cfg.seed, step, "local-groups"))
-        refs, turn = [], 0
-        for (owner, conv), snapshots in zip(batch.anchors, batch.snapshots, strict=True):
-            for t_pos in range(len(snapshots[0])):
-                if rng.random() >= self.cfg.algo.local_prob:
-                    continue
-                anchor = rng.randrange(r.n_global)
-                snapshot_id = snapshots[anchor][t_pos]
-                target = (owner + 1 + turn) % len(self.workers)  # spread, starting at another actor
-                turn += 1
-                if target != owner:
-                    ray.get(self.workers[owner].share_snapshot.remote(snapshot_id))
-                    batch.cross_actor_restores += 1
-                session = conv.sessions[t_pos].index
-                refs.append(self.workers[target].run_local.remote(conv, session, snapshot_id, anchor, r.m_local, step))
-        for group, stats, forks in ray.get(refs):
-            batch.local_groups += 1
-            batch.snapshot_forks += forks
-            batch.episodes += forks
-            _merge(batch.stats, stats)
-            self._keep(batch, group)
-        ray.get([w.release_snapshots.remote() for w in self.workers])
-        batch.wall_s += time.perf_counter() - start
-
-    def _take_global(self, batch: RolloutBatch, result: GlobalResult) -> None:
-        batch.episodes += len(result.snapshots)
-        batch.snapshots.append(result.snapshots)
-        batch.final_f1 += [s.f1 for s in result.final_scores]
-        batch.m_fail += [s.m_fail for s in result.final_scores]
-        _merge(batch.stats, result.stats)
-        for group in result.groups:
-            batch.global_groups += 1
-            self._keep(batch, group)
-
-    @staticmethod
-    def _keep(batch: RolloutBatch, group: Group) -> None:
-        batch.policy_versions.add(group.policy_version)
-        batch.rewards += group.rewards
-        if group.degenerate():
-            batch.degenerate_groups += 1
-        else:
-            batch.groups.append(group)
-
-    def evaluate(self, conversations: list[Conversation], horizon: int) -> list[MemoryScore]:
-        """Greedy validation rollouts, spread over the pool; one score per conversation."""
-        refs = [self.workers[j % len(self.workers)].evaluate.remote(c, horizon) for j, c in enumerate(conversations)]
-        return ray.get(refs)
+    def evaluate(self, conversations: Sequence[Conversation], horizon: int) -> list[MemoryScore]:
+        tasks = plan_validation(conversations, horizon, next(self._eval_rounds))
+        results = self.run_tasks(tasks)
+        return [results[t.task_id] for t in tasks]
 
     def load_weights(self, wrapped_weights: list, version: int) -> None:
-        """Every live worker takes the new weights (one object in the store, fetched per node)."""
-        ray.get([w.load_weights.remote(wrapped_weights, version) for w in self.workers])
+        """Every live worker takes the new weights; one that died meanwhile is dropped and replaced
+        (its replacement pulls them from the policy store, which the caller published first)."""
+        calls = {s.handle.load_weights.remote(wrapped_weights, version): s for s in self.live()}
+        for ref, slot in calls.items():
+            try:
+                ray.get(ref)
+            except WORKER_LOST as err:
+                self._drop(slot, _Round(), f"died during a weight sync ({type(err).__name__})")
+
+    def run_tasks(self, tasks: Sequence[Task]) -> dict[str, Any]:
+        """Run every task once on the live workers; task id -> result."""
+        rnd = _Round(expected=len(tasks))
+        for task in tasks:
+            if isinstance(task, LocalTask):
+                rnd.gated[self.keeper.wait.remote(task.snapshot_id)] = task
+            else:
+                rnd.queue.append(Work(task, None))
+        while not rnd.done():
+            self._tick(rnd)
+        self._orphans.clear()
+        self._publish_gauges(0, 0)
+        return rnd.results
+
+    def await_target(self) -> None:
+        """Wait until the fleet is at its target size (replacements and new workers are live)."""
+        self._await_live(self.target)
+
+    def live(self) -> list[Slot]:
+        return [s for s in self.slots.values() if s.ready is None]
+
+    def in_flight(self) -> list[tuple[Slot, Task]]:
+        """(worker, task) for every task dealt and not finished (safe to call from another thread)."""
+        return [(s, w.task) for s in list(self.slots.values()) for w in list(s.running.values())]
+
+    def take_faults(self) -> dict[str, int]:
+        """Failures, retries and duplicates since the last call (a metrics row's share)."""
+        out, self.faults = asdict(self.faults), Faults()
+        return out
+
+    def status(self) -> dict[str, int]:
+        return {"live_workers": len(self.live()), "target_workers": self.target, **asdict(self.totals)}
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            ray.kill(w)
+        for slot in list(self.slots.values()):
+            self._kill(slot)
+        self.slots.clear()
+        self.capacity.clear()
+        for actor in (self.keeper, self.policy_store):
+            ray.kill(actor)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _tick(self, rnd: _Round) -> None:
+        running = sum(len(s.running) for s in self.slots.values())
+        self._rescale(len(rnd.queue) + len(rnd.gated) + running)
+        self._dispatch(rnd.queue)
+        self._publish_gauges(len(rnd.queue) + len(rnd.gated), running)
+        watched = [*rnd.gated, *self._orphans, *(r for s in self.slots.values() for r in s.running),
+                   *(s.ready for s in self.slots.values() if s.ready is not None)]
+        ready, _ = ray.wait(watched, num_returns=1, timeout=POLL_S) if watched else ([], [])
+        for ref in ready:
+            if ref in rnd.gated:
+                task = rnd.gated.pop(ref)
+                rnd.queue.append(Work(task, ray.get(ref)[0]))
+            else:
+                self._settle(ref, rnd)
+        self._drop_hung(rnd)
+        self._check_placement()
+
+    def _dispatch(self, queue: deque[Work]) -> None:
+        now = time.monotonic()
+        while queue:
+            free = [s for s in self.live() if not s.draining and len(s.running) < self.cfg.rollout.tasks_per_worker]
+            if not free:
+                return
+            slot = min(free, key=lambda s: len(s.running))
+            work = queue.popleft()
+            if not slot.running:
+                slot.progress_at = now
+            slot.running[slot.handle.run.remote(work.task, work.snapshot)] = work
+
+    def _settle(self, ref: ray.ObjectRef, rnd: _Round) -> None:
+        if ref in self._orphans:  # a dropped worker's result: first one in still counts
+            work = self._orphans.pop(ref)
+            try:
+                value = ray.get(ref)
+            except Exception:  # noqa: BLE001 - the dead worker's error; its task was queued again
+                return
+            self._accept(rnd, work.task.task_id, value)
+            return
+        slot = next(s for s in self.slots.values() if ref == s.ready or ref in s.running)
+        if ref == slot.ready:
+            self._started(slot, ref, rnd)
+            return
+        work = slot.running.pop(ref)
+        try:
+            value = ray.get(ref)
+        except WORKER_LOST as err:
+            slot.running[ref] = work  # queued again with the rest of its tasks
+            self._drop(slot, rnd, f"died ({type(err).__name__})")
+            return
+        except RayTaskError as err:
+            raise RolloutError(f"task {work.task.task_id} failed on rollout worker {slot.worker_id}: {one_line(err)}") from None
+        slot.progress_at = time.monotonic()
+        self._accept(rnd, work.task.task_id, value)
+        if slot.draining and not slot.running:
+            self._retire(slot)
+
+    def _accept(self, rnd: _Round, task_id: str, value: Any) -> None:
+        if not rnd.accept(task_id, value):
+            self._count("duplicate_results")
+
+    def _started(self, slot: Slot, ref: ray.ObjectRef, rnd: _Round) -> None:
+        try:
+            slot.info = ray.get(ref)
+        except (*WORKER_LOST, RayTaskError) as err:
+            self._start_failures += 1
+            self._drop(slot, rnd, f"failed to start: {one_line(err)}")
+            if self._start_failures >= self.cfg.cluster.max_task_attempts:
+                raise RolloutError(f"rollout workers fail to start ({self._start_failures} in a row): {one_line(err)}") from None
+            return
+        slot.ready, slot.progress_at, self._start_failures = None, time.monotonic(), 0
+
+    def _drop(self, slot: Slot, rnd: _Round, reason: str) -> None:
+        """A worker is lost: count it, queue its tasks again (first in line), kill what is left of it."""
+        self.slots.pop(slot.worker_id, None)
+        self._count("worker_failures")
+        works = list(slot.running.values())
+        self._orphans.update(slot.running)
+        for work in reversed(works):
+            rnd.attempts[work.task.task_id] += 1
+            if rnd.attempts[work.task.task_id] >= self.cfg.cluster.max_task_attempts:
+                raise RolloutError(f"task {work.task.task_id} lost {rnd.attempts[work.task.task_id]} rollout workers; the last {reason}")
+            rnd.queue.appendleft(work)
+            self._count("tasks_retried")
+        log.warning("memr2: rollout worker %s %s; %d task(s) queued again", slot.worker_id, reason, len(works))
+        self._kill(slot)
+
+    def _drop_hung(self, rnd: _Round) -> None:
+        timeout = self.cfg.cluster.task_timeout_s
+        if timeout is None:
+            return
+        now = time.monotonic()
+        for slot in [s for s in self.live() if s.running and now - s.progress_at > timeout]:
+            self._drop(slot, rnd, f"returned nothing for {timeout:g} s (cluster.task_timeout_s)")
+
+    # ------------------------------------------------------------------ size
+
+    def _rescale(self, backlog: int) -> None:
+        self.target = self.policy.target(backlog)
+        self.capacity.update(self.target)
+        active = [s for s in self.slots.values() if not s.draining]
+        for _ in range(self.target - len(active)):
+            self._start_worker()
+        # Retire the surplus: workers still starting, then idle ones, then busy ones by draining.
+        surplus = sorted(active, key=lambda s: (s.ready is None, len(s.running)))[: max(0, len(active) - self.target)]
+        for slot in surplus:
+            if slot.running:
+                slot.draining = True  # finishes its tasks first, gets no new ones
+            else:
+                self._retire(slot)
+
+    def _start_worker(self) -> None:
+        wid = f"w{next(self._ids)}"
+        handle = self._worker_cls.remote(self.cfg, wid, self.run_name, self.keeper, self.policy_store)
+        self.slots[wid] = Slot(wid, handle, time.monotonic(), handle.info.remote())
+
+    def _retire(self, slot: Slot) -> None:
+        self.slots.pop(slot.worker_id, None)
+        self._kill(slot)
+
+    def _await_live(self, n: int) -> None:
+        """Start-up: wait for n workers, or, after cluster.placement_timeout_s, go on with those
+        that are live (the rest stay pending: demand for the autoscaler)."""
+        rnd, timeout = _Round(), self.cfg.cluster.placement_timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self.live()) < n and not (self.live() and deadline is not None and time.monotonic() > deadline):
+            self._tick(rnd)
+
+    def _check_placement(self) -> None:
+        """No worker live and none placed within cluster.placement_timeout_s: stop with one line."""
+        timeout = self.cfg.cluster.placement_timeout_s
+        if timeout is None or self.live() or not self.slots:
+            return
+        oldest = min(s.started_at for s in self.slots.values())
+        if time.monotonic() - oldest > timeout:
+            have = ray.cluster_resources()
+            need = ", ".join(f"{v:g} {k}" for k, v in worker_resources(self.cfg).items() if v > 0)
+            raise ValueError(f"no rollout worker ({need}) could be placed within {timeout:g} s "
+                             f"(the cluster has {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU): add nodes or lower rollout.*_per_actor")
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _count(self, name: str) -> None:
+        for faults in (self.faults, self.totals):
+            setattr(faults, name, getattr(faults, name) + 1)
+        self.series.inc(f"fleet_{name}")
+
+    def _publish_gauges(self, pending: int, running: int) -> None:
+        self.series.set("fleet_live_workers", len(self.live()))
+        self.series.set("fleet_target_workers", self.target)
+        self.series.set("fleet_pending_tasks", pending)
+        self.series.set("fleet_running_tasks", running)
+
+    @staticmethod
+    def _kill(slot: Slot) -> None:
+        try:
+            ray.kill(slot.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
-def _merge(into: LaneStats, other: LaneStats) -> None:
-    for name in LaneStats.__slots__:
-        setattr(into, name, getattr(into, name) + getattr(other, name))
+def one_line(err: BaseException) -> str:
+    """The innermost `SomeError: message` line of a Ray error (they carry whole remote tracebacks)."""
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Exit): ", ln)]
+    if lines:
+        return lines[-1]
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,94 +1,100 @@
-"""The rollout worker: a Ray actor owning one engine, one answer agent and one snapshot store.
+"""The rollout worker: a Ray actor owning one engine and one answer agent, running any task.
 
-Group tables leave the actor through the object store (`ray.put` here, refs to the driver), so
-token ids never pass through the driver on their way to the learner.
+A worker holds no state a step depends on: the snapshots its global tasks take for local tasks go
+to the step's snapshot keeper as soon as they exist, and its results go back to the driver with
+the task. So the fleet may drop it at any moment and re-run its tasks elsewhere. It pulls the
+latest policy from the policy store when it starts and before every task, so a replacement or an
+autoscaled worker never generates with a stale policy unawares.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
-from dataclasses import replace
+from collections.abc import Sequence
 
 import ray
 import torch
 
 from actors.agent.answer_agent import make_answer_agent
+from actors.agent.episode import EpisodeRunner, Lane
+from actors.agent.groups import GlobalResult, GroupCollector, LocalResult
+from actors.agent.rewards import MemoryScore
 from actors.engines.base import SamplingSpec
 from actors.engines.factory import make_engine
-from actors.agent.episode import EpisodeRunner
-from actors.agent.groups import GlobalResult, Group, GroupCollector, LaneStats
-from actors.fleet.policy_store import policy_store
-from actors.agent.rewards import MemoryScore
 from actors.engines.models import resolve_model
+from actors.fleet.metrics import worker_series
+from actors.fleet.tasks import EvalTask, GlobalTask, LocalTask, Task
 from common.config import Config
-from common.types import Conversation
-from memory_service.snapshots import SnapshotStore
+from common.types import Session
+from memory_service.bank import MemoryBank
 
 
 class RolloutWorker:
-    def __init__(self, cfg: Config, index: int) -> None:
+    def __init__(self, cfg: Config, worker_id: str, run: str, keeper: ray.actor.ActorHandle, policy_store: ray.actor.ActorHandle) -> None:
         # Ray sets OMP_NUM_THREADS=1 in actors; give torch the CPUs this actor reserved.
         torch.set_num_threads(max(1, int(cfg.rollout.cpus_per_actor)))
-        self.cfg, self.index = cfg, index
-        model_dir = resolve_model(cfg.model.name)
+        self.cfg, self.worker_id = cfg, worker_id
+        self.keeper, self.policy_store = keeper, policy_store
         self.engine = make_engine(
-            model_dir,
+            resolve_model(cfg.model.name),
             cfg.rollout.engine,
-            seed=cfg.seed + index,
+            seed=cfg.seed,  # every request carries its own seed; this one only covers unseeded ones
             max_model_len=cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens,
             dtype=cfg.model.dtype,
         )
-        answer_agent = make_answer_agent(cfg.reward.answer_agent)
-        self.store = SnapshotStore(f"w{index}-{uuid.uuid4().hex[:6]}")
-        self.collector = GroupCollector(EpisodeRunner(self.engine, cfg), answer_agent, self.store, cfg)
+        self.collector = GroupCollector(EpisodeRunner(self.engine, cfg), make_answer_agent(cfg.reward.answer_agent), cfg)
+        self.series = worker_series(run, worker_id, cfg.metrics.prometheus)
+        self.pull_latest_policy()
 
     def info(self) -> dict:
-        return {"index": self.index, "engine": self.engine.name, "policy_version": self.engine.policy_version, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        ctx = ray.get_runtime_context()
+        return {"worker": self.worker_id, "engine": self.engine.name, "policy_version": self.engine.policy_version,
+                "pid": os.getpid(), "node": ctx.get_node_id()}
 
-    def run_global(self, conv: Conversation, horizon: int, n: int, step: int) -> GlobalResult:
+    def run(self, task: Task, snapshot: MemoryBank | None = None) -> GlobalResult | LocalResult | MemoryScore:
+        """Run one task; a local task gets its anchor's snapshot (resolved by Ray from the keeper)."""
         self.pull_latest_policy()
-        result = self.collector.run_global(conv, horizon, n, step)
-        result.groups = [_to_object_store(g) for g in result.groups]
+        if isinstance(task, GlobalTask):
+            result = self.collector.run_global(task.conv, task.horizon, task.n, task.task_id, keep=self._publisher(task))
+        elif isinstance(task, LocalTask):
+            if snapshot is None:
+                raise ValueError(f"local task {task.task_id} needs its anchor's snapshot")
+            result = self.collector.run_local(task.conv, task.session, snapshot, task.anchor, task.m, task.task_id)
+        elif isinstance(task, EvalTask):
+            return self.collector.evaluate(task.conv, task.horizon, task.seed_key)
+        else:
+            raise TypeError(f"not a rollout task: {task!r}")
+        self.series.inc("worker_generated_tokens", result.stats.generated_tokens)
         return result
 
-    def run_local(self, conv: Conversation, t: int, snapshot_id: str, anchor: int, m: int, step: int) -> tuple[Group, LaneStats, int]:
-        self.pull_latest_policy()
-        group, stats = self.collector.run_local(conv, t, snapshot_id, anchor, m, step)
-        return _to_object_store(group), stats, m
+    def _publisher(self, task: GlobalTask):
+        """Before session t, hand each anchor's M_{t-1} to the keeper (and wait until it holds it:
+        a snapshot still in flight would die with this worker)."""
+        wanted = {a.session: a for a in task.anchors}
 
-    def evaluate(self, conv: Conversation, horizon: int) -> MemoryScore:
-        """One greedy rollout over the horizon; its terminal memory scored on every question."""
-        self.pull_latest_policy()
-        return self.collector.evaluate(conv, horizon)
+        def keep(session: Session, lanes: Sequence[Lane]) -> None:
+            anchor = wanted.get(session.index)
+            if anchor is not None:
+                ray.get(self.keeper.publish.remote(anchor.snapshot_id, lanes[anchor.rollout].bank))
+
+        return keep
 
     def load_weights(self, wrapped_weights: list, version: int) -> int:
         weights = ray.get(wrapped_weights[0])
         self.engine.load_weights(weights.items(), version)
+        self.series.set("worker_policy_version", version)
         return version
+
+    def pull_latest_policy(self) -> int:
+        """Catch up with the published policy (a worker that started late or replaced a dead one)."""
+        version, wrapped = ray.get(self.policy_store.latest.remote())
+        if wrapped is not None and version > self.engine.policy_version:
+            self.load_weights(wrapped, version)
+        self.series.set("worker_policy_version", self.engine.policy_version)
+        return self.engine.policy_version
 
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         return self.engine.generate([prompt], SamplingSpec(temperature=0.0, max_new_tokens=max_new_tokens))[0].token_ids
 
     def weight_fingerprint(self) -> str:
         return self.engine.weight_fingerprint()
-
-    def pull_latest_policy(self) -> int:
-        """Catch up with the published policy (a worker that started or restarted late)."""
-        version, wrapped = ray.get(policy_store().latest.remote())
-        if wrapped is not None and version > self.engine.policy_version:
-            self.load_weights(wrapped, version)
-        return self.engine.policy_version
-
-    def share_snapshot(self, snapshot_id: str) -> None:
-        self.store.share(snapshot_id)
-
-    def snapshots_taken(self) -> int:
-        return self.store.forks
-
-    def release_snapshots(self) -> None:
-        self.store.release_all()
-
-
-def _to_object_store(group: Group) -> Group:
-    return replace(group, table=ray.put(group.table))
