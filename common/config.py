@@ -243,7 +243,7 @@ class Config(Section):
         c, n = self.cluster, self.rollout.num_actors
         lo = n if c.autoscale_min_actors is None else c.autoscale_min_actors
         hi = n if c.autoscale_max_actors is None else c.autoscale_max_actors
-        if lo > hi:
+        if c.autoscale_min_actors is not None and c.autoscale_max_actors is not None and lo > hi:
             raise ValueError(f"cluster.autoscale_min_actors ({lo}) exceeds cluster.autoscale_max_actors ({hi})")
         if n < lo:
             raise ValueError(f"rollout.num_actors ({n}, the fleet's size at start) is below cluster.autoscale_min_actors ({lo})")
