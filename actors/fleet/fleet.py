@@ -86,11 +86,12 @@ class _Round:
     results: dict[str, Any] = field(default_factory=dict)
     expected: int = 0
     attempts: Counter = field(default_factory=Counter)
+    ran_on: dict[str, str] = field(default_factory=dict)
 
-    def accept(self, task_id: str, value: Any) -> bool:
+    def accept(self, task_id: str, value: Any, worker_id: str = "") -> bool:
         if task_id in self.results:
             return False
-        self.results[task_id] = value
+        self.results[task_id], self.ran_on[task_id] = value, worker_id
         return True
 
     def done(self) -> bool:
@@ -111,10 +112,11 @@ class RolloutFleet:
         self.slots: dict[str, Slot] = {}
         self.target = 0
         self.faults, self.totals = Faults(), Faults()
-        self._orphans: dict[ray.ObjectRef, Work] = {}  # tasks of dropped workers, still watched
+        self._orphans: dict[ray.ObjectRef, tuple[Work, str]] = {}  # dropped workers' tasks, still watched
         self._ids = itertools.count()
         self._start_failures = 0
         self._eval_rounds = itertools.count()
+        self.ran_on: dict[str, str] = {}  # task id -> the worker whose result was accepted (last run)
         self._await_live(self.policy.target(0))
 
     def _worker_options(self) -> dict:
@@ -163,7 +165,14 @@ class RolloutFleet:
             self._tick(rnd)
         self._orphans.clear()
         self._publish_gauges(0, 0)
+        self.ran_on = rnd.ran_on
         return rnd.results
+
+    def idle(self, seconds: float) -> None:
+        """Keep the fleet's size current for `seconds` while the driver has no tasks for it."""
+        rnd, end = _Round(), time.monotonic() + seconds
+        while time.monotonic() < end:
+            self._tick(rnd)
 
     def await_target(self) -> None:
         """Wait until the fleet is at its target size (replacements and new workers are live)."""
@@ -188,7 +197,7 @@ class RolloutFleet:
         for slot in list(self.slots.values()):
             self._kill(slot)
         self.slots.clear()
-        self.capacity.clear()
+        self.capacity.update(0)
         for actor in (self.keeper, self.policy_store):
             ray.kill(actor)
 
@@ -225,12 +234,12 @@ class RolloutFleet:
 
     def _settle(self, ref: ray.ObjectRef, rnd: _Round) -> None:
         if ref in self._orphans:  # a dropped worker's result: first one in still counts
-            work = self._orphans.pop(ref)
+            work, worker_id = self._orphans.pop(ref)
             try:
                 value = ray.get(ref)
             except Exception:  # noqa: BLE001 - the dead worker's error; its task was queued again
                 return
-            self._accept(rnd, work.task.task_id, value)
+            self._accept(rnd, work.task.task_id, value, worker_id)
             return
         slot = next(s for s in self.slots.values() if ref == s.ready or ref in s.running)
         if ref == slot.ready:
@@ -246,12 +255,12 @@ class RolloutFleet:
         except RayTaskError as err:
             raise RolloutError(f"task {work.task.task_id} failed on rollout worker {slot.worker_id}: {one_line(err)}") from None
         slot.progress_at = time.monotonic()
-        self._accept(rnd, work.task.task_id, value)
+        self._accept(rnd, work.task.task_id, value, slot.worker_id)
         if slot.draining and not slot.running:
             self._retire(slot)
 
-    def _accept(self, rnd: _Round, task_id: str, value: Any) -> None:
-        if not rnd.accept(task_id, value):
+    def _accept(self, rnd: _Round, task_id: str, value: Any, worker_id: str) -> None:
+        if not rnd.accept(task_id, value, worker_id):
             self._count("duplicate_results")
 
     def _started(self, slot: Slot, ref: ray.ObjectRef, rnd: _Round) -> None:
@@ -270,7 +279,7 @@ class RolloutFleet:
         self.slots.pop(slot.worker_id, None)
         self._count("worker_failures")
         works = list(slot.running.values())
-        self._orphans.update(slot.running)
+        self._orphans.update({ref: (work, slot.worker_id) for ref, work in slot.running.items()})
         for work in reversed(works):
             rnd.attempts[work.task.task_id] += 1
             if rnd.attempts[work.task.task_id] >= self.cfg.cluster.max_task_attempts:
@@ -292,7 +301,7 @@ class RolloutFleet:
 
     def _rescale(self, backlog: int) -> None:
         self.target = self.policy.target(backlog)
-        self.capacity.update(self.target)
+        self.capacity.update(self.target if len(self.live()) < self.target else 0)
         active = [s for s in self.slots.values() if not s.draining]
         for _ in range(self.target - len(active)):
             self._start_worker()

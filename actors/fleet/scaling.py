@@ -47,9 +47,11 @@ def autoscale_bounds(cfg: Config) -> tuple[int, int]:
 
 
 class CapacityRequest:
-    """`ray.autoscaler.sdk.request_resources` for `size` workers plus the job's other actors, sent
-    whenever the size changes, so the autoscaler (or KubeRay's) starts nodes before the workers
-    are even created; pending workers count as demand too. Each call replaces the last."""
+    """`ray.autoscaler.sdk.request_resources` for `size` workers plus the job's other actors while
+    the fleet grows, so the autoscaler (or KubeRay's) starts nodes before the workers are even
+    placed (pending workers count as demand too). Cleared (size 0) once the fleet has its workers:
+    a standing request would hold nodes the fleet has drained, since autoscaler v2 may count any
+    idle node as the one that satisfies it. Each call replaces the last."""
 
     def __init__(self, worker_bundle: dict[str, float], other_bundles: list[dict[str, float]]) -> None:
         self.worker_bundle = {k: v for k, v in worker_bundle.items() if v > 0}
@@ -61,11 +63,7 @@ class CapacityRequest:
             return
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[dict(self.worker_bundle) for _ in range(size)] + [dict(b) for b in self.other])
+        bundles = [dict(self.worker_bundle) for _ in range(size)] + [dict(b) for b in self.other] if size else []
+        request_resources(bundles=bundles)
         self.size = size
 
-    def clear(self) -> None:
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(bundles=[])
-        self.size = None
