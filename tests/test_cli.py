@@ -54,3 +54,18 @@ def test_score_command_adds_f1_and_bleu1_and_names_bad_rows(tmp_path, capsys):
     src.write_text(json.dumps({"question": "q", "answer": "a", "category": 4}) + "\n")
     assert main(["score", "--in", str(src), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "line 1: missing field 'prediction'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["rollout", "train"])
+@pytest.mark.parametrize("name,why", [
+    ("gpt-17", "is neither 'tiny', 'smollm2', a checkpoint directory with config.json nor a hub id"),
+    ("nobody/no-such-model", "no such folder here, not in the local hub cache, and the hub is offline (HF_HUB_OFFLINE)"),
+])
+def test_a_model_name_that_does_not_resolve_is_one_line_before_any_actor_starts(command, name, why, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "memr2", command, f"model.name={name}", f"metrics.run_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)},
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"memr2: error: model {name!r}: {why}" if "/" in name else f"memr2: error: model {name!r} {why}"]
+    assert not (tmp_path / "ray").exists() and "Ray" not in out.stderr  # no cluster was started

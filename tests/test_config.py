@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from common.config import Config, ConfigError, load_config
@@ -55,7 +57,6 @@ def test_config_is_frozen():
 
 
 def test_the_shipped_paper_config_loads_with_the_papers_numbers():
-    from pathlib import Path
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "deploy" / "paper.yaml")
     assert (cfg.rollout.n_global, cfg.rollout.m_local, cfg.rollout.chunks_per_session, cfg.memory.related_top_k) == (16, 4, 6, 25)
@@ -81,3 +82,22 @@ def test_a_partial_section_keeps_the_defaults_of_its_other_fields(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text("train:\n  warmstart:\n    synth:\n      sessions: 2\n")
     assert load_config(path).train.warmstart.synth == default.model_copy(update={"sessions": 2})
+
+
+def test_run_directory_defaults_and_resume_modes(tmp_path, monkeypatch):
+    from learner.run_outputs import RunDir, run_root
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert run_root(load_config()) == Path("runs")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # the entrypoint of `ray job submit`
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run_root(load_config()) == tmp_path / "memr2-runs"  # not the job's temporary working dir
+    cfg = load_config(None, [f"metrics.run_dir={tmp_path / 'abs'}", "metrics.run_name=r", "metrics.prometheus=false"])
+    assert run_root(cfg) == tmp_path / "abs"
+    assert RunDir(cfg, "auto").resumed is False  # nothing to resume: starts fresh
+    with pytest.raises(ValueError, match="--resume: no checkpointed run at"):
+        RunDir(cfg, "always")
+    (tmp_path / "abs" / "r" / "state.json").write_text("{}")
+    assert RunDir(cfg, "auto").resumed is True and RunDir(cfg, "always").resumed is True
+    with pytest.raises(ValueError, match="exists: pass --resume"):
+        RunDir(cfg, "never")

@@ -1,5 +1,6 @@
 """`memr2 train` end to end on the tiny model, and a kill -9 mid-run that resumes to the identical
-next step."""
+next step. Both runs use `--resume auto` (what a retried RayJob runs): the first starts fresh,
+the restarted one continues."""
 
 import json
 import os
@@ -22,7 +23,8 @@ WORLD = ["model.name=tiny", "learner.frozen_layers=0", "learner.bf16=off", "lear
 WARM = [*WORLD, "train.warmstart.synth.seed=0", "train.warmstart.synth.conversations=1", "train.warmstart.synth.sessions=2",
         "train.warmstart.synth.val_conversations=0", "train.warmstart.epochs=100", "train.warmstart.lr=3e-3",
         "train.warmstart.mini_batch=4", "train.warmstart.micro_batch=4"]
-RUN = [*WORLD, "rollout.n_global=4", "rollout.m_local=2", "rollout.max_new_tokens=192", "rollout.num_actors=2",
+# Temperature 1: the memorised policy then still strays in some lanes, so steps carry signal.
+RUN = [*WORLD, "rollout.temperature=1.0", "rollout.n_global=4", "rollout.m_local=2", "rollout.max_new_tokens=192", "rollout.num_actors=2",
        "algo.local_prob=1.0", "train.conversations_per_step=1", "train.max_steps=3", "curriculum.stages=[{horizon: 2, epochs: 3}]",
        "learner.mini_batch=8", "learner.micro_batch=4", "learner.lr=1e-5", "metrics.prometheus=false", "train.warmstart.enabled=false"]
 
@@ -49,10 +51,11 @@ def test_kill_and_resume_reproduces_the_next_step(tmp_path):
     finish(memr2("warmstart", "--out", str(warm), *WARM))
     base = [*RUN, f"model.name={warm}", f"metrics.run_dir={tmp_path}"]
 
-    summary = json.loads(finish(memr2("train", *base, "metrics.run_name=straight")).strip().splitlines()[-1])
+    summary = json.loads(finish(memr2("train", "--resume", "auto", *base, "metrics.run_name=straight")).strip().splitlines()[-1])
     straight = step_rows(tmp_path / "straight")
     assert sorted(straight) == [1, 2, 3] and summary["steps"] == 3
     assert "loss" in straight[3] and straight[3]["reward_mean"] > 0  # step 3 makes a real update
+    assert all(straight[s]["worker_failures"] == straight[s]["tasks_retried"] == 0 and straight[s]["live_workers"] == 2 for s in straight)
 
     victim = memr2("train", *base, "metrics.run_name=killed")
     state = tmp_path / "killed" / "state.json"
@@ -62,7 +65,7 @@ def test_kill_and_resume_reproduces_the_next_step(tmp_path):
         time.sleep(0.5)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    finish(memr2("train", *base, "metrics.run_name=killed", "--resume"))
+    finish(memr2("train", "--resume", "auto", *base, "metrics.run_name=killed"))
     resumed = step_rows(tmp_path / "killed")
     assert sorted(resumed) == [1, 2, 3]
     for key in ("reward_mean", "format_failures", "generated_tokens", "degenerate_groups", "global_groups", "local_groups", "loss", "grad_norm", "policy_version"):
