@@ -14,16 +14,16 @@ import yaml
 
 from actors.fleet.metrics import exported_series
 from common.metrics import GAUGES
+from tests.shared_data import shared_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = ROOT.parent / "shared" / "schemas" / "grafana"
 DASHBOARD = json.loads((ROOT / "deploy" / "grafana_dashboard.json").read_text())
 RUN = "r1"
 WORKERS = {"w0": 2.0, "w1": 1.0}  # generated tokens per second each
 
 
 def schema(name: str) -> dict:
-    return json.loads((SCHEMAS / f"{name}.jsonschema.json").read_text())
+    return json.loads((shared_or_skip("schemas", "grafana") / f"{name}.jsonschema.json").read_text())
 
 
 def queries() -> list[tuple[str, str, str]]:

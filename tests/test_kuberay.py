@@ -12,16 +12,16 @@ import yaml
 from jsonschema import Draft7Validator
 
 from common.config import load_config
+from tests.shared_data import shared_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = ROOT.parent / "shared" / "schemas" / "kuberay"
 CLUSTER = yaml.safe_load((ROOT / "deploy/kuberay/raycluster.yaml").read_text())
 JOB = yaml.safe_load((ROOT / "deploy/kuberay/rayjob.yaml").read_text())
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 def strict_schema(crd_file: str) -> dict:
-    crd = yaml.safe_load((CRDS / crd_file).read_text())
+    crd = yaml.safe_load((shared_or_skip("schemas", "kuberay") / crd_file).read_text())
     schema = copy.deepcopy(next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"])
 
     def close(node):
