@@ -202,6 +202,18 @@ def summarize(scored_rows: Iterable[dict]) -> dict:
     return summary
 
 
+def bootstrap_ci(values: Iterable[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean (questions resampled with replacement); seeded,
+    so the same scores always give the same interval. None for no values."""
+    data = np.asarray(list(values), dtype=float)
+    if data.size == 0:
+        return None
+    means = np.random.default_rng(seed).choice(data, size=(resamples, data.size)).mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 

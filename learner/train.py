@@ -19,6 +19,7 @@ from actors.fleet.fleet import RolloutFleet
 from actors.fleet.tasks import plan_step
 from common.config import Config
 from common.data import load_dataset, split
+from common.scoring import bootstrap_ci
 from common.types import Conversation
 from learner.deepspeed_learner import Learner, rank_resources
 from learner.run_outputs import Resume, RunDir, TrainState
@@ -53,8 +54,16 @@ def train_step(fleet: RolloutFleet, learner: Learner, conversations: list[Conver
 
 
 def validate(fleet: RolloutFleet, conversations: list[Conversation], horizon: int) -> dict:
+    """F1 over every validation question (as LoCoMo's tables pool them), with a bootstrap 95% CI."""
     scores = fleet.evaluate(conversations, horizon)
-    return {"val_f1": statistics.fmean(s.f1 for s in scores), "val_m_fail": statistics.fmean(s.m_fail for s in scores)}
+    f1s = [f for s in scores for f in s.f1s]
+    return {
+        "val_f1": statistics.fmean(f1s) if f1s else 0.0,
+        "val_f1_ci": bootstrap_ci(f1s),
+        "val_questions": len(f1s),
+        "val_f1_per_question": f1s,
+        "val_m_fail": statistics.fmean(s.m_fail for s in scores),
+    }
 
 
 def epoch_batches(conversations: list[Conversation], per_step: int, seed: int, stage: int, epoch: int) -> list[list[Conversation]]:
@@ -107,6 +116,7 @@ def run(cfg: Config, resume: Resume = "never") -> dict:
         "val_f1_start": state.val_f1_start,
         "val_f1_end": state.val_f1_last,
         "val_f1_best": state.best_val_f1,
+        **_gain(state.validations),
         "warmstart": warm,
         "wall_s": time.perf_counter() - start,
     }
@@ -115,6 +125,18 @@ def run(cfg: Config, resume: Resume = "never") -> dict:
     fleet.shutdown()
     learner.shutdown()
     return summary
+
+
+def _gain(validations: list[dict]) -> dict:
+    """The first and last validation's CIs, and the gain's: a paired bootstrap over the same
+    questions, so the noise of which questions were asked cancels out."""
+    if not validations:
+        return {}
+    first, last = validations[0], validations[-1]
+    before, after = first.get("val_f1_per_question", []), last.get("val_f1_per_question", [])
+    diffs = [b - a for a, b in zip(before, after)] if len(before) == len(after) else []
+    return {"val_f1_start_ci": first.get("val_f1_ci"), "val_f1_end_ci": last.get("val_f1_ci"),
+            "val_f1_gain_ci": bootstrap_ci(diffs), "val_questions": len(before)}
 
 
 def _asks(cfg: Config) -> Asks:

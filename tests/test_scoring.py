@@ -295,3 +295,16 @@ def test_identical_strings_with_a_real_token_score_one(text):
         assert token_f1(text, text) == 1.0
     else:
         assert token_f1(text, text) == 0.0
+
+
+def test_bootstrap_ci_brackets_the_mean_is_seeded_and_narrows_with_more_questions():
+    from common.scoring import bootstrap_ci
+
+    few = [0.0, 1.0, 0.5, 0.0, 1.0]
+    low, high = bootstrap_ci(few)
+    assert low <= sum(few) / len(few) <= high and 0.0 <= low < high <= 1.0
+    assert bootstrap_ci(few) == (low, high)  # the same scores give the same interval
+    many_low, many_high = bootstrap_ci(few * 20)
+    assert many_high - many_low < high - low
+    assert bootstrap_ci([0.25] * 7) == (0.25, 0.25)  # no spread, no interval
+    assert bootstrap_ci([]) is None

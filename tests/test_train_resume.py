@@ -54,6 +54,9 @@ def test_kill_and_resume_reproduces_the_next_step(tmp_path):
     summary = json.loads(finish(memr2("train", "--resume", "auto", *base, "metrics.run_name=straight")).strip().splitlines()[-1])
     straight = step_rows(tmp_path / "straight")
     assert sorted(straight) == [1, 2, 3] and summary["steps"] == 3
+    # Validation pools every question, with bootstrap intervals for each end and the paired gain.
+    assert summary["val_questions"] >= 1 and len(summary["val_f1_gain_ci"]) == 2
+    assert summary["val_f1_start_ci"][0] <= summary["val_f1_start"] <= summary["val_f1_start_ci"][1]
     assert "loss" in straight[3] and straight[3]["reward_mean"] > 0  # step 3 makes a real update
     assert all(straight[s]["worker_failures"] == straight[s]["tasks_retried"] == 0 and straight[s]["live_workers"] == 2 for s in straight)
 

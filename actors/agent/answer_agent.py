@@ -25,7 +25,7 @@ from typing import Protocol
 
 from actors.engines.base import Engine, SamplingSpec
 from common.config import AnswerAgentConfig
-from common.text import STOPWORDS, index_terms
+from common.text import STOPWORDS, index_terms, stem
 from common.types import QA, MemoryItem
 from memory_service.bank import MemoryBank
 
@@ -60,39 +60,66 @@ def build_queries(bank: MemoryBank, questions: Sequence[str | QA], speakers: Seq
 
 _WORD_SPAN = re.compile(r"[^\W_]+(?:['’.-][^\W_]+)*")  # words, keeping "1.5", "ice-cream", "Alice's"
 _YES_NO = frozenset("is are was were do does did has have had can could will would should".split())
+_MONTH = "January|February|March|April|May|June|July|August|September|October|November|December"
+# A date with the preposition that introduces it: "on 1 April, 2022", "since May", "in 2021".
+_DATE = re.compile(rf"(?:\b(?:on|since|in|from)\s+)?(?:\b\d{{1,2}}\s+)?\b(?:{_MONTH})\b(?:\s+\d{{1,2}}\b)?(?:,?\s+\d{{4}}\b)?"
+                   rf"|(?:\b(?:on|since|in|from)\s+)?\b\d{{4}}\b", re.IGNORECASE)
+# A question in the perfect ("Which cities has Alice lived in?") asks for every value, not the latest.
+_HISTORY = re.compile(r"^\s*(?:which|what|who)\b.*\b(?:has|have)\b", re.IGNORECASE)
+
+
+def _stems(words: str) -> frozenset[str]:
+    return frozenset(stem(w) for w in words.split())
+
+
+# Words a question and a memory use for the same relation ("Where does Alice live?" / "Alice moved
+# to Denver"), as any reader of English would take them; each maps to its group's first stem.
+_SAME_RELATION = {s: group[0] for group in (("live", *_stems("lives lived moved based relocated city cities home")),
+                                            ("job", *_stems("jobs work works worked career")),
+                                            ("car", *_stems("cars drive drives owned"))) for s in group}
+# Words that say a fact stopped being true: such a memory answers a yes/no question with "No".
+_ENDED = _stems("quit sold stopped gave broke died rehomed left ended")
+# Words of aspect, not content: "Alice started a new job as a nurse" answers "nurse".
+_ASPECT = _stems("started start new now got took up currently")
 
 
 def _terms(text: str) -> set[str]:
     # index_terms splits "Alice's" into "alic" + "s"; one-letter leftovers would make every
     # possessive question overlap every possessive memory, so only digits may be one character.
-    return {t for t in index_terms(text) if len(t) > 1 or t.isdigit()}
+    return {_SAME_RELATION.get(t, t) for t in index_terms(text) if len(t) > 1 or t.isdigit()}
 
 
 class ReaderAgent:
     """A deterministic extractive reader: no model, so its answers are only as good as the memory.
 
-    Per query:
-      1. The question's terms are its stemmed, stop-word-free terms (`common.text.index_terms`).
-         Terms of the speakers' names are split off: a name alone says who, not what, so a
-         memory that shares only the name with the question does not count as relevant.
+    It stands in on CPU for the paper's LLM answer agent, so it reads the way such a model would,
+    with rules instead of weights. Per query:
+      1. The question's terms are its stemmed, stop-word-free terms (`common.text.index_terms`),
+         with words for one relation taken as one term (live / moved / based, job / works, car /
+         drives). Terms of the speakers' names are split off: a name alone says who, not what, so
+         a memory that shares only the name with the question does not count as relevant.
       2. Every retrieved memory (all speakers) is ranked by: how many of the question's name
          terms it carries (in its text or as its speaker), so a question about Alice is answered
          from Alice's memories; then how many distinct non-name question terms it contains; then
-         its retrieval rank (higher first); then its speaker's order in `memories`.
+         recency (the later memory is the latest word on its subject, as the session times an
+         LLM sees tell it); then its retrieval rank; then its speaker's order in `memories`.
       3. If the best memory shares no non-name term with the question, the subject has no
          relevant memory: the answer is "No information available".
-      4. Otherwise the answer is that memory's content without the words the question already
-         says (all their terms occur in the question, names included) and without stop words,
-         in the original order and casing; adjacent surviving words keep the text between them,
-         so "Vera adopted Bandit on 1 April, 2022." answers "When did Vera adopt Bandit?" with
-         "1 April, 2022", and "Alice lives in Denver." answers "Where does Alice live now?" with
-         "Denver".
-      5. If nothing survives, the memory only restates the question: a yes/no question gets
-         "Yes", any other the whole memory content.
+      4. A yes/no question is answered "No" if the memory says the fact ended (quit, sold,
+         stopped, ...) and "Yes" otherwise.
+      5. A "when" question is answered with the memory's date ("1 April, 2022"). Any other is
+         answered with what the memory adds to the question: its content without its dates,
+         without the words the question already says (names included), without stop words and
+         words of aspect (started, new, now, ...), in the original order and casing; adjacent
+         surviving words keep the text between them. "Alice moved to Denver on 2 May, 2023."
+         answers "Where does Alice live now?" with "Denver". If nothing survives, the whole content.
+      6. A question in the perfect ("Which cities has Alice lived in?") is answered from every
+         memory tied for best, joined by commas, as LoCoMo's multi-hop answers are.
 
     Why this serves as a reward: an UPDATEd memory yields the new value and a stale one the old;
     a DELETEd fact yields "No information available" (half-credit F1 against a gold "No") where a
-    stale bank yields "Yes"; a missing fact yields no answer. Memory quality moves the F1.
+    stale bank yields "Yes"; a missing fact yields no answer; a memory that keeps history answers
+    the history questions. Memory quality moves the F1.
     """
 
     def answer(self, queries: Sequence[AnswerQuery]) -> list[str]:
@@ -102,34 +129,46 @@ class ReaderAgent:
         q_terms = _terms(query.question)
         name_terms = set().union(*(_terms(s) for s in query.memories)) if query.memories else set()
         content_terms = q_terms - name_terms
-        best, best_key = None, None
+        ranked = []
         for s_idx, items in enumerate(query.memories.values()):
             for rank, item in enumerate(items):
                 m_terms = _terms(item.content) | _terms(item.speaker)
-                key = (len(q_terms & name_terms & m_terms), len(content_terms & m_terms), -rank, -s_idx)
-                if best_key is None or key > best_key:
-                    best, best_key = item, key
-        if best is None or best_key[1] == 0:
+                recency = int(item.id) if item.id.isdigit() else -1  # bank ids grow with every insert
+                key = (len(q_terms & name_terms & m_terms), len(content_terms & m_terms), recency, -rank, -s_idx)
+                ranked.append((key, item))
+        if not ranked:
             return NO_INFO
-        return self._extract(best.content, query.question, q_terms)
+        best_key, best = max(ranked, key=lambda r: r[0])
+        if best_key[1] == 0:
+            return NO_INFO
+        first = query.question.strip().split(maxsplit=1)
+        if first and first[0].lower() in _YES_NO and not _HISTORY.match(query.question):
+            return "No" if _terms(best.content) & _ENDED else "Yes"
+        if not _HISTORY.match(query.question):
+            return self._extract(best.content, query.question, q_terms)
+        tied = [item for key, item in sorted(ranked, key=lambda r: r[0], reverse=True) if key[:2] == best_key[:2]]
+        return ", ".join(dict.fromkeys(self._extract(item.content, query.question, q_terms) for item in tied))
 
     @staticmethod
     def _extract(content: str, question: str, q_terms: set[str]) -> str:
+        if question.strip().lower().startswith("when"):
+            dates = [m.group().split(maxsplit=1)[-1] if m.group().split()[0].lower() in ("on", "since", "in", "from") else m.group()
+                     for m in _DATE.finditer(content)]
+            if dates:
+                return dates[0].strip()
+        text = _DATE.sub(" ", content) if _DATE.sub(" ", content).strip(" .,") else content
         runs: list[list[re.Match]] = []  # maximal runs of adjacent surviving words
         prev_kept = False
-        for m in _WORD_SPAN.finditer(content):
+        for m in _WORD_SPAN.finditer(text):
             terms = _terms(m.group())
-            kept = m.group().lower() not in STOPWORDS and bool(terms) and not terms <= q_terms
+            kept = m.group().lower() not in STOPWORDS and bool(terms) and not terms <= (q_terms | _ASPECT)
             if kept and prev_kept:
                 runs[-1].append(m)
             elif kept:
                 runs.append([m])
             prev_kept = kept
-        if runs:
-            # A run keeps its inner punctuation ("1 April, 2022"), not what lies outside it.
-            return " ".join(content[r[0].start() : r[-1].end()] for r in runs)
-        first = question.strip().split(maxsplit=1)
-        return "Yes" if first and first[0].lower() in _YES_NO else content
+        # A run keeps its inner punctuation ("Portland, Maine"), not what lies outside it.
+        return " ".join(text[r[0].start() : r[-1].end()] for r in runs) if runs else content
 
 
 # -- the prompt shared by the LLM agents ---------------------------------------------------------

@@ -25,6 +25,7 @@ class MemoryScore:
     compression: float
     m_fail: float
     questions: int
+    f1s: tuple[float, ...] = ()  # per question, in order: validation pools them across conversations
 
 
 def answer_session(qa: QA) -> int | None:
@@ -67,4 +68,4 @@ def memory_score(bank: MemoryBank, questions: Sequence[QA], predictions: Sequenc
     f1 = sum(f1s) / len(f1s) if f1s else 0.0
     comp = compression(bank, seen_tokens, cfg.alpha)
     evidence = [e for q in questions for e in q.evidence]
-    return MemoryScore(f1 - cfg.lam * comp, f1, comp, bank.m_fail(evidence), len(questions))
+    return MemoryScore(f1 - cfg.lam * comp, f1, comp, bank.m_fail(evidence), len(questions), tuple(f1s))
