@@ -77,7 +77,9 @@ class RolloutConfig(Section):
     gpus_per_actor: float = Field(0.0, ge=0)
     # Custom Ray resources per worker, e.g. {rollout: 1} to keep workers on KubeRay's rollout group.
     resources: dict[str, float] = {}
-    tasks_per_worker: int = Field(1, ge=1)  # tasks a worker holds at once (and the scaling unit)
+    # Tasks a worker holds at once, all in one continuous batch on its engine (and the scaling
+    # unit): 4 global tasks of n = 8 lanes are the 32 sequences in flight that fill a CPU engine.
+    tasks_per_worker: int = Field(4, ge=1)
     chunks_per_session: int = Field(2, ge=1)  # K in DESIGN §1 (the paper: 6)
     n_global: int = Field(8, ge=2)  # n: full rollouts per conversation (the paper: 16)
     m_local: int = Field(2, ge=2)  # m: branches per local group (the paper: 4)
@@ -152,8 +154,14 @@ class LearnerConfig(Section):
     mini_batch: int = Field(16, ge=1)
     micro_batch: int = Field(4, ge=1)
     grad_clip: float = Field(1.0, gt=0)
-    # auto: the Ray object store (an NCCL group with the vLLM workers on GPU is not built yet)
-    weight_sync: Literal["auto", "object_store", "nccl"] = "auto"
+    # collective: learner rank 0 and every engine form one process group and the weights go
+    # through vLLM's weight-transfer engines (NCCL on GPU, gloo on CPU); object_store: through
+    # the Ray object store; auto: collective wherever it works (learner.weight_sync).
+    weight_sync: Literal["auto", "collective", "object_store"] = "auto"
+    # collective: weights go in packed buckets of this size. None: 16 MB on CPU, where larger
+    # buckets are fresh allocations every sync (slower than the object store for SmolLM2), and
+    # 1 GiB on GPU (vLLM's own default).
+    weight_bucket_mb: int | None = Field(None, ge=1)
 
     @field_validator("bf16", mode="before")
     @classmethod

@@ -46,6 +46,7 @@ class Learner:
         self.algo, self.cfg, self.seed, self.model_dir = algo, cfg, seed, model_dir
         self.version = 0  # policy version: bumped by every train() call, stamped on trajectories
         self.train_calls = 0
+        self.transfer_group = None  # the collective weight sync's group, kept by learner.weight_sync
         need = rank_resources(cfg)
         threads = max(1, int(cfg.cpus_per_rank))
         actor = ray.remote(LearnerRank).options(num_cpus=need["CPU"], num_gpus=need["GPU"], resources=dict(cfg.resources))
@@ -101,6 +102,32 @@ class Learner:
         """The full weights put in the object store by rank 0 (every rank joins: ZeRO-3 gathers);
         returned wrapped in a list so the ref, not the weights, travels to the rollout workers."""
         return next(w for w in ray.get([r.put_state_dict.remote() for r in self.ranks]) if w is not None)
+
+    # ------------------------------------------------------------------ collective weight sync
+
+    def _gathering_ranks(self) -> list:
+        """The ranks a full copy of the weights needs: all under ZeRO-3 (they gather), else rank 0."""
+        return self.ranks if self.cfg.zero_stage == 3 else self.ranks[:1]
+
+    def open_transfer_port(self) -> tuple[str, int, str]:
+        """Rank 0's (ip, port, backend) for a new group; the port listens until the group forms."""
+        return ray.get(self.ranks[0].open_transfer_port.remote())
+
+    def init_weight_transfer(self, workers: list, address: tuple[str, int], dtype: str | None) -> int:
+        """A new group of rank 0 and `workers` (engine i at rank 1 + i); bytes one sync sends."""
+        return ray.get([r.init_weight_transfer.remote(workers, address, dtype) for r in self._gathering_ranks()])[0]
+
+    def send_weights(self) -> list[ray.ObjectRef]:
+        """Rank 0 broadcasts the current weights to its group; refs to wait on."""
+        return [r.send_weights.remote(self.version) for r in self._gathering_ranks()]
+
+    def weights_later(self) -> list:
+        """The full weights as a task's result, wrapped like publish_weights() but not waited for:
+        rank 0 computes it after whatever it was given before (a send), off the caller's path."""
+        return [[r.state_dict.remote() for r in self._gathering_ranks()][0]]
+
+    def close_weight_transfer(self) -> None:
+        ray.get([r.close_weight_transfer.remote() for r in self.ranks])
 
     # ------------------------------------------------------------------ weights
 

@@ -36,6 +36,8 @@ class LearnerRank:
         self.rank, self.world = rank, world_size
         torch.set_num_threads(max(1, num_threads))  # Ray sets OMP_NUM_THREADS=1 in actors
         eng.prepare_env()
+        self.transfer = None  # this rank's part in a collective weight sync's group, once formed
+        self._probe: socket.socket | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -169,6 +171,39 @@ class LearnerRank:
     def put_state_dict(self) -> list | None:
         state = eng.full_state_dict(self.engine)
         return [ray.put(state)] if self.rank == 0 else None
+
+    # ------------------------------------------------------------------ collective weight sync
+
+    def open_transfer_port(self) -> tuple[str, int, str]:
+        """Rank 0: this node's IP, a port it listens on until the group forms (the engines probe
+        it: can they reach the learner?), and the backend this device sends with."""
+        from actors.engines.weight_transfer import transfer_backend
+
+        self._probe = socket.create_server(("", 0))
+        return ray.util.get_node_ip_address(), self._probe.getsockname()[1], transfer_backend()
+
+    def init_weight_transfer(self, workers: list, address: tuple[str, int], dtype: str | None) -> int:
+        """Join a new group with `workers` (rank 0 hosts it); returns the bytes one sync sends."""
+        from learner.weight_transfer import Transfer
+
+        if self._probe is not None:
+            self._probe.close()  # the group's store binds the port now
+            self._probe = None
+        bucket_mb = self.cfg.weight_bucket_mb or (1024 if torch.cuda.is_available() else 16)
+        self.transfer = Transfer(self.engine, self.rank, workers, address, dtype, bucket_mb)
+        return self.transfer.bytes()
+
+    def send_weights(self, version: int) -> None:
+        self.transfer.send(version)
+
+    def close_weight_transfer(self) -> None:
+        """Leave the group (or stop listening for one that was not formed)."""
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+        if self.transfer is not None:
+            self.transfer.shutdown()
+            self.transfer = None
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)

@@ -74,7 +74,7 @@ def epoch_batches(conversations: list[Conversation], per_step: int, seed: int, s
 
 def run(cfg: Config, resume: Resume = "never") -> dict:
     start = time.perf_counter()
-    check_sync_mode(cfg.learner.weight_sync)
+    check_sync_mode(cfg)
     check_model_name(cfg.model.name)  # one line here, not a traceback from inside every worker
     out = RunDir(cfg, resume)
     data = split(load_dataset(cfg.data), cfg.data)

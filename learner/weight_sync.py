@@ -1,34 +1,160 @@
 """Weights from the learner to every rollout engine after each update (DESIGN §4).
 
-object_store (CPU, and any cluster): learner rank 0 puts the full HF-named state dict in the Ray
-object store once; the policy store records (version, ref) for workers that start later (a
-replacement, an autoscaled worker); every live worker loads it in place (`reload_weights` in
-vLLM) and stamps the new version on what it generates from then on.
-nccl (GPU): meant to broadcast the tensors from rank 0 straight into the vLLM workers over an
-NCCL group instead of the object store. Not built yet: `auto` therefore means object_store on GPU
-clusters too (correct, but a 7B state dict then crosses the object store once per update).
+collective: learner rank 0 and every live engine form one process group (world 1 + N, engine i
+at rank 1 + i) and the weights go through vLLM's own weight-transfer engines, NCCL on GPU and gloo
+on CPU (actors.engines.weight_transfer), streamed in packed buckets of learner.weight_bucket_mb
+(learner.weight_transfer). The group is formed at the first sync, and again, on a new port, at a
+sync whose live workers differ from its members (one joined, died, was replaced or retired since);
+the old group is first torn down on every member still there.
+object_store: rank 0 puts the full HF-named state dict in the Ray object store once; every live
+worker loads it in place (vLLM's `reload_weights`).
+auto: collective where it works (every engine is vLLM with the learner's backend, and reaches
+rank 0's port), else object_store; decided again whenever the members change.
+
+Workers that start between syncs (a replacement, an autoscaled worker) pull the latest version
+from the policy store, so in every mode it holds the current weights. In collective mode rank 0
+builds that copy right after its broadcast, as a task the sync does not wait for: the live
+engines have their weights by then, and only a worker that starts before the copy exists waits
+for it (in pull_latest_policy). Waiting would add a gather and a put of the whole state dict to
+every sync: 0.4-0.7 s for SmolLM2 on 2 CPU cores, against 0.55-0.8 s for the collective sync
+itself. Making the copy only when a worker asks for it would need the learner to still hold that
+version then, and it may be mid-update.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 
 import ray
+from ray.exceptions import RayActorError, RayError
 
-from actors.fleet.fleet import RolloutFleet
+from actors.fleet.fleet import RolloutFleet, Slot, one_line
+from common.config import Config
 from learner.deepspeed_learner import Learner
 
+log = logging.getLogger("memr2.weight_sync")
+PING_S = 10.0  # at a sync every worker is idle and answers in milliseconds
 
-def check_sync_mode(configured: str) -> None:
-    """Every mode but nccl is the object store today; nccl fails here, before anything starts."""
-    if configured == "nccl":
-        raise ValueError("learner.weight_sync=nccl: the NCCL group with the vLLM workers is not built yet; use auto or object_store")
+
+@dataclass
+class TransferGroup:
+    members: tuple[str, ...]  # worker ids; engine i is rank 1 + i
+    handles: tuple  # their actor handles
+    collective: bool  # False: auto found that these members cannot form one
+    bytes: int = 0  # what one sync sends
+
+
+def check_sync_mode(cfg: Config) -> None:
+    """Fail here, before anything starts, when the mode cannot work with the configured engine."""
+    if cfg.learner.weight_sync == "collective" and cfg.rollout.engine != "vllm":
+        raise ValueError(f"learner.weight_sync=collective needs rollout.engine=vllm (vLLM's weight-transfer API), "
+                         f"not {cfg.rollout.engine}; use auto or object_store")
 
 
 def sync_weights(learner: Learner, fleet: RolloutFleet) -> float:
-    """Publish the learner's current weights, then push them to every live worker; returns seconds."""
+    """Push the learner's current weights to every live worker, stamped with its version; seconds."""
     start = time.perf_counter()
+    slots = _live(fleet)
+    try:
+        collective = _collective_group(learner, slots)
+        if collective:
+            sends = learner.send_weights()  # first in rank 0's queue, then the copy for late joiners:
+            ray.get(fleet.policy_store.publish.remote(learner.version, learner.weights_later()))
+            ray.get(sends)
+    except RayError as err:
+        _lost_member(learner, fleet, slots, err)
+        collective = False
+    if not collective:
+        _through_object_store(learner, fleet)
+    return time.perf_counter() - start
+
+
+def _live(fleet: RolloutFleet) -> list[Slot]:
+    """The live workers, less any that died since the fleet last heard from them (an idle worker's
+    death goes unseen until it is sent something): a dead member must not reach a group."""
+    dead = _dead(fleet.live())
+    if dead:
+        fleet.drop_workers(dead, "was found dead at a weight sync")
+    return fleet.live()
+
+
+def _dead(slots: list[Slot]) -> list[Slot]:
+    """Workers whose actor has died (a ping each; one that does not answer in time counts as alive)."""
+    pings = {s.handle.info.remote(): s for s in slots}
+    answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=PING_S)
+    dead = []
+    for ref in answered:
+        try:
+            ray.get(ref)
+        except RayActorError:
+            dead.append(pings[ref])
+    return dead
+
+
+def _through_object_store(learner: Learner, fleet: RolloutFleet) -> None:
     wrapped = learner.publish_weights()
     ray.get(fleet.policy_store.publish.remote(learner.version, wrapped))  # first: workers starting now pull it
     fleet.load_weights(wrapped, learner.version)
-    return time.perf_counter() - start
+
+
+def _collective_group(learner: Learner, slots: list[Slot]) -> bool:
+    """Whether this sync goes through the group, (re-)formed here if the live workers changed."""
+    if learner.cfg.weight_sync == "object_store" or not slots:
+        return False
+    ids = tuple(s.worker_id for s in slots)
+    if learner.transfer_group is not None and learner.transfer_group.members == ids:
+        return learner.transfer_group.collective
+    _tear_down(learner)
+    ip, port, backend = learner.open_transfer_port()  # listens until the group forms
+    problem = _why_not(slots, (ip, port), backend)
+    if problem:
+        learner.close_weight_transfer()
+        if learner.cfg.weight_sync == "collective":
+            raise ValueError(f"learner.weight_sync=collective: {problem}")
+        log.warning("memr2: weights go through the object store: %s", problem)
+        learner.transfer_group = TransferGroup(ids, (), collective=False)
+        return False
+    group = learner.transfer_group = TransferGroup(ids, tuple(s.handle for s in slots), collective=True)
+    group.bytes = learner.init_weight_transfer(list(group.handles), (ip, port), slots[0].info["weight_dtype"])
+    return True
+
+
+def _why_not(slots: list[Slot], address: tuple[str, int], backend: str) -> str | None:
+    """What keeps these workers from one group with learner rank 0, if anything."""
+    other = [f"{s.worker_id} ({s.info['engine']})" for s in slots if s.info.get("transfer_backend") != backend]
+    if other:
+        return f"worker(s) {', '.join(other)} cannot join the learner's {backend} weight-transfer group"
+    reached = ray.get([s.handle.can_reach.remote(address) for s in slots])
+    cut = [s.worker_id for s, ok in zip(slots, reached) if not ok]
+    if cut:
+        return f"worker(s) {', '.join(cut)} cannot reach learner rank 0 at {address[0]}:{address[1]}"
+    return None
+
+
+def _tear_down(learner: Learner) -> None:
+    """Release the old group on rank 0 and on every member still there (a dead or retired one has
+    nothing left to release)."""
+    group, learner.transfer_group = learner.transfer_group, None
+    learner.close_weight_transfer()
+    for ref in [h.shutdown_weight_transfer_engine.remote() for h in group.handles] if group else []:
+        try:
+            ray.get(ref)
+        except RayActorError:
+            pass
+
+
+def _lost_member(learner: Learner, fleet: RolloutFleet, slots: list[Slot], err: RayError) -> None:
+    """A collective sync failed. Unless a worker died, that is a bug: raised. If the group had
+    started forming or sending, every member is dropped: the others may hold half-loaded weights or
+    wait in a rendezvous or broadcast that will not finish. The fleet replaces them; this sync then
+    goes through the object store, whose push drops any other dead worker, and the replacements
+    pull this version from the policy store."""
+    group, learner.transfer_group = learner.transfer_group, None
+    learner.close_weight_transfer()  # rank 0 lets go of the group: members blocked in it fail out
+    if not _dead(slots):
+        raise err
+    if group is not None and group.collective:
+        members = [s for s in slots if s.worker_id in group.members]
+        fleet.drop_workers(members, f"left with a collective weight sync that lost a member ({one_line(err)})")

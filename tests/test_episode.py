@@ -62,14 +62,15 @@ def test_split_chunks_is_contiguous_and_balanced():
     assert sum(split_chunks(turns, 3), ()) == turns
 
 
-def test_one_session_in_lockstep_gives_known_memories_and_counts(cfg):
+def test_one_session_gives_known_memories_and_counts(cfg):
     engine = ScriptedEngine(respond)
     lanes = [Lane(MemoryBank.empty()) for _ in range(3)]
     EpisodeRunner(engine, cfg).run_session(lanes, conversation(), conversation().sessions[0], SamplingSpec(), ("k",))
-    # 2 chunks x (extractor for 3 lanes + manager for 3 lanes): every call is one batch of 3.
+    # 2 chunks x (extractor for 3 lanes + manager for 3 lanes): each lane's next request joins the
+    # batch as soon as its last one finished, so every engine step holds all three lanes.
     assert engine.calls == [3, 3, 3, 3]
-    # Each call gets its own seed (the engine adds the lane index), the same on a rerun.
-    assert len(set(engine.seeds)) == 4 and None not in engine.seeds
+    # Every request has its own seed (task key, session, chunk, role, lane), the same on a rerun.
+    assert len(set(engine.seeds)) == 12 and None not in engine.seeds
     again = ScriptedEngine(respond)
     EpisodeRunner(again, cfg).run_session([Lane(MemoryBank.empty()) for _ in range(3)], conversation(), conversation().sessions[0], SamplingSpec(), ("k",))
     assert again.seeds == engine.seeds
@@ -87,7 +88,8 @@ def test_global_and_local_groups_have_known_keys_and_rewards(cfg):
     conv = conversation()
     collector = GroupCollector(EpisodeRunner(ScriptedEngine(respond), cfg), ReaderAgent(), cfg)
     snapshots = []  # (session, lane 0's bank before it)
-    result = collector.run_global(conv, horizon=2, n=3, key="step0/global/c1", keep=lambda s, lanes: snapshots.append((s.index, lanes[0].bank)))
+    result = collector.run_global(conv, horizon=2, n=3, key="step0/global/c1",
+                                  keep=lambda s, i, lane: snapshots.append((s.index, lane.bank)) if i == 0 else None)
     # Q_1 = {Rex} (latest evidence in session 1), Q_2 = {Alice's city}; category 5 is excluded.
     assert [g.group_id for g in result.groups] == ["c1/s1", "c1/s2"]
     assert all(g.kind == "global" for g in result.groups)

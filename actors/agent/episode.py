@@ -1,9 +1,10 @@
 """Multi-session episodes: per chunk, extractor -> retrieve related memories -> manager -> apply.
 
-Rollouts of one group run in lockstep as *lanes*: every lane sees the same chunk at the same time,
-so each extractor and manager call is one batched generate across lanes, which is what keeps a
-vLLM engine busy. A lane owns its memory bank (an immutable snapshot, so lanes never interfere)
-and records every generation as a step for the learner.
+Each rollout (or local branch) is a *lane* and runs as a program (`EpisodeRunner.session`): a
+generator that yields each generation it needs and gets the reply back. The worker's scheduler
+(actors.engines.scheduler) puts the requests of every lane of every task it holds into one
+continuous batch, so lanes never wait for each other. A lane owns its memory bank (an immutable
+snapshot, so lanes never interfere) and records every generation as a step for the learner.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from actors.engines.base import Engine, SamplingSpec
+from actors.engines.base import Engine, Request, SamplingSpec
+from actors.engines.scheduler import Program, Scheduler
 from actors.agent.parsing import parse_facts, parse_operations
 from actors.agent.prompts import extractor_messages, manager_messages, visible_memory_ids
 from common.config import Config
@@ -63,53 +65,50 @@ def request_seed(*parts: object) -> int:
 
 
 def _seeded(spec: SamplingSpec, *key: object) -> SamplingSpec:
-    """Engines seed request i of a call with spec.seed + i: lanes differ, reruns repeat."""
+    """A request's own seed, from where it stands in its task (never from the worker running it):
+    lanes differ, reruns repeat."""
     return replace(spec, seed=request_seed(*key))
 
 
 class EpisodeRunner:
-    def __init__(self, engine: Engine, cfg: Config) -> None:
+    def __init__(self, engine: Engine, cfg: Config, scheduler: Scheduler | None = None) -> None:
         self.engine = engine
         self.cfg = cfg
+        self.scheduler = scheduler or Scheduler(engine)
+
+    def run(self, programs: Sequence[Program]) -> None:
+        """Run lane programs to their end, in one continuous batch with whatever else the engine runs."""
+        self.scheduler.run(programs)
 
     def run_session(self, lanes: Sequence[Lane], conv: Conversation, session: Session, spec: SamplingSpec, seed_key: tuple) -> None:
-        """Advance every lane through one session. `seed_key` + lane index seed each request."""
+        """Every lane through one session (lane i seeded by `seed_key` and i)."""
+        self.run([self.session(lane, i, conv, session, spec, seed_key) for i, lane in enumerate(lanes)])
+
+    def session(self, lane: Lane, index: int, conv: Conversation, session: Session, spec: SamplingSpec, seed_key: tuple) -> Program:
+        """Lane `index` through one session: per chunk, the extractor, then (if it found facts) the manager."""
         speakers = {conv.speaker_a, conv.speaker_b}
         for c, chunk in enumerate(split_chunks(session.turns, self.cfg.rollout.chunks_per_session)):
             chunk_ids = {t.dia_id for t in chunk}
-            facts = self._extract(lanes, session, chunk, chunk_ids, speakers, spec, (*seed_key, c))
-            self._manage(lanes, facts, session, chunk_ids, speakers, spec, (*seed_key, c))
-
-    def _extract(self, lanes, session, chunk, chunk_ids, speakers, spec, key) -> list[list[Fact]]:
-        system, user = extractor_messages(self.cfg.model.prompt_size, session.date_time, chunk)
-        prompt = self.engine.chat_prompt(system, user)
-        gens = self.engine.generate([prompt] * len(lanes), _seeded(spec, *key, "extractor"))
-        out = []
-        for lane, gen in zip(lanes, gens, strict=True):
-            lane.steps.append(StepRecord("extractor", session.index, prompt, gen.token_ids, gen.logprobs))
-            parsed = parse_facts(gen.text, chunk_ids, speakers)
-            lane.format_failures += parsed.format_failure
-            lane.rejected_items += len(parsed.rejected)
-            out.append(parsed.items)
-        return out
-
-    def _manage(self, lanes, facts, session, chunk_ids, speakers, spec, key) -> None:
-        busy = [(i, lane, fs) for i, (lane, fs) in enumerate(zip(lanes, facts, strict=True)) if fs]
-        if not busy:
-            return
-        prompts, shown = [], []
-        for _, lane, fs in busy:
-            prompt, related = self._manager_prompt(lane, fs)
-            prompts.append(prompt)
-            shown.append(related)
-        gens = self.engine.generate(prompts, _seeded(spec, *key, "manager"))
-        for (_, lane, _), prompt, related, gen in zip(busy, prompts, shown, gens, strict=True):
-            lane.steps.append(StepRecord("manager", session.index, prompt, gen.token_ids, gen.logprobs))
-            parsed = parse_operations(gen.text, visible_memory_ids(related), speakers, chunk_ids)
-            lane.format_failures += parsed.format_failure
-            lane.rejected_items += len(parsed.rejected)
-            lane.bank, errors = lane.bank.apply_all(parsed.items, session.date_time)
+            system, user = extractor_messages(self.cfg.model.prompt_size, session.date_time, chunk)
+            prompt = self.engine.chat_prompt(system, user)
+            gen = yield Request(prompt, _seeded(spec, *seed_key, c, "extractor", index))
+            facts = self._record(lane, StepRecord("extractor", session.index, prompt, gen.token_ids, gen.logprobs),
+                                 parse_facts(gen.text, chunk_ids, speakers))
+            if not facts:
+                continue
+            prompt, related = self._manager_prompt(lane, facts)
+            gen = yield Request(prompt, _seeded(spec, *seed_key, c, "manager", index))
+            ops = self._record(lane, StepRecord("manager", session.index, prompt, gen.token_ids, gen.logprobs),
+                               parse_operations(gen.text, visible_memory_ids(related), speakers, chunk_ids))
+            lane.bank, errors = lane.bank.apply_all(ops, session.date_time)
             lane.failed_ops += len(errors)
+
+    @staticmethod
+    def _record(lane: Lane, step: StepRecord, parsed) -> list:
+        lane.steps.append(step)
+        lane.format_failures += parsed.format_failure
+        lane.rejected_items += len(parsed.rejected)
+        return parsed.items
 
     def _manager_prompt(self, lane: Lane, facts: list[Fact]) -> tuple[list[int], list[list[MemoryItem]]]:
         """Retrieve top-k related memories per fact; halve k until the prompt fits the context."""

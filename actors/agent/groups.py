@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from actors.agent.answer_agent import AnswerAgent, build_queries
 from actors.engines.base import SamplingSpec
+from actors.engines.scheduler import Program
 from actors.agent.episode import EpisodeRunner, Lane
 from actors.agent.rewards import (
     MemoryScore,
@@ -31,8 +32,9 @@ from common.config import Config
 from common.types import QA, Conversation, GroupKind, Session, StepSample, samples_to_table
 from memory_service.bank import MemoryBank
 
-# Called before each session of a global rollout with every lane: where snapshots M_{t-1} are taken.
-Keep = Callable[[Session, Sequence["Lane"]], None]
+# Called before each session of each global rollout, with the rollout's index and lane: where the
+# anchors' snapshots M_{t-1} are taken.
+Keep = Callable[[Session, int, "Lane"], None]
 
 
 @dataclass(slots=True)
@@ -102,10 +104,7 @@ class GroupCollector:
         horizon = min(horizon, len(conv.sessions))
         lanes = [Lane(MemoryBank.empty(self.cfg.memory.retriever)) for _ in range(n)]
         stats, start = LaneStats(), time.perf_counter()
-        for session in conv.sessions[:horizon]:
-            if keep is not None:
-                keep(session, lanes)
-            self.runner.run_session(lanes, conv, session, self.spec(), (key, session.index))
+        self.runner.run([self._rollout(lane, i, conv, horizon, self.spec(), key, keep) for i, lane in enumerate(lanes)])
         stats.generate_s = time.perf_counter() - start
         stats.add(lanes)
 
@@ -148,12 +147,18 @@ class GroupCollector:
         horizon = min(horizon, len(conv.sessions))
         r = self.cfg.rollout
         spec = SamplingSpec(temperature=r.eval_temperature, top_p=1.0, max_new_tokens=r.max_new_tokens, seed=0)
-        lanes = [Lane(MemoryBank.empty(self.cfg.memory.retriever))]
-        for session in conv.sessions[:horizon]:
-            self.runner.run_session(lanes, conv, session, spec, (key, session.index))
+        lane = Lane(MemoryBank.empty(self.cfg.memory.retriever))
+        self.runner.run([self._rollout(lane, 0, conv, horizon, spec, key)])
         questions = questions_up_to(scored_questions(conv, self.cfg.data.exclude_adversarial), horizon)
-        bank = lanes[0].bank
+        bank = lane.bank
         return memory_score(bank, questions, self._answer(conv, bank, questions), dialogue_tokens(conv, horizon), self.cfg.reward)
+
+    def _rollout(self, lane: Lane, i: int, conv: Conversation, horizon: int, spec: SamplingSpec, key: str, keep: Keep | None = None) -> Program:
+        """Rollout i over sessions 1..T, one program; `keep` sees its lane before each session."""
+        for session in conv.sessions[:horizon]:
+            if keep is not None:
+                keep(session, i, lane)
+            yield from self.runner.session(lane, i, conv, session, spec, (key, session.index))
 
     def _answer(self, conv: Conversation, bank: MemoryBank, questions: Sequence[QA]) -> list[str]:
         if not questions:

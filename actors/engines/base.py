@@ -31,6 +31,14 @@ class Generation:
     finish_reason: str  # "stop" | "length"
 
 
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One generation a lane asks for; spec.seed is this request's own seed (no offset added)."""
+
+    prompt: list[int]
+    spec: SamplingSpec
+
+
 class Engine(Protocol):
     name: str  # "vllm" | "transformers"
     policy_version: int
@@ -41,6 +49,15 @@ class Engine(Protocol):
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Generation]: ...
 
+    # Continuous batching (actors.engines.scheduler): requests join and leave between steps.
+    def add_request(self, request_id: str, request: Request) -> None: ...
+
+    def step(self) -> list[tuple[str, Generation]]:
+        """Advance every request in flight by one engine step; the ones that finished."""
+        ...
+
+    def abort(self, request_ids: list[str]) -> None: ...
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Replace the weights in place with a Hugging Face-named state dict; record `version`."""
         ...
@@ -48,3 +65,19 @@ class Engine(Protocol):
     def weight_fingerprint(self) -> str:
         """A digest of the weights as held; equal digests mean bit-identical weights."""
         ...
+
+
+class OneByOneSteps:
+    """Continuous batching's interface for an engine that has none (the transformers fallback):
+    a step generates every queued request, one call each, so each keeps its own seed exactly."""
+
+    def add_request(self, request_id: str, request: Request) -> None:
+        self.__dict__.setdefault("_queued", {})[request_id] = request
+
+    def step(self) -> list[tuple[str, Generation]]:
+        queued, self._queued = self.__dict__.get("_queued", {}), {}
+        return [(rid, self.generate([r.prompt], r.spec)[0]) for rid, r in queued.items()]
+
+    def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.__dict__.get("_queued", {}).pop(rid, None)

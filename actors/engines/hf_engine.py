@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from actors.engines.base import Generation, SamplingSpec
+from actors.engines.base import Generation, OneByOneSteps, SamplingSpec
 from actors.engines.models import ChatEngineBase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HFEngine(ChatEngineBase):
+class HFEngine(OneByOneSteps, ChatEngineBase):
     name = "transformers"
 
     def __init__(self, model_dir: str | Path, seed: int = 0, max_model_len: int = 4096, dtype: str = "auto",

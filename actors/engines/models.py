@@ -264,6 +264,10 @@ class ChatEngineBase:
     """Tokenizer, chat prompt, token budget and output trimming, identical for every engine."""
 
     name = "base"
+    # An engine that takes a collective weight sync (vLLM's weight-transfer API) sets these: its
+    # backend (nccl/gloo) and the dtype its weights are held in, which the learner sends.
+    transfer_backend: str | None = None
+    weight_dtype: str | None = None
 
     def __init__(self, model_dir: str | Path, max_model_len: int):
         from transformers import AutoTokenizer

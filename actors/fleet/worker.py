@@ -1,5 +1,8 @@
 """The rollout worker: a Ray actor owning one engine and one answer agent, running any task.
 
+It holds up to `rollout.tasks_per_worker` tasks at once, each on its own actor thread; their
+lanes share one continuous batch on the engine (actors.engines.scheduler).
+
 A worker holds no state a step depends on: the snapshots its global tasks take for local tasks go
 to the step's snapshot keeper as soon as they exist, and its results go back to the driver with
 the task. So the fleet may drop it at any moment and re-run its tasks elsewhere. It pulls the
@@ -10,7 +13,8 @@ autoscaled worker never generates with a stale policy unawares.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import socket
+import time
 
 import ray
 import torch
@@ -19,9 +23,10 @@ from actors.agent.answer_agent import make_answer_agent
 from actors.agent.episode import EpisodeRunner, Lane
 from actors.agent.groups import GlobalResult, GroupCollector, LocalResult
 from actors.agent.rewards import MemoryScore
-from actors.engines.base import SamplingSpec
+from actors.engines.base import Generation, Request, SamplingSpec
 from actors.engines.factory import make_engine
 from actors.engines.models import resolve_model
+from actors.engines.scheduler import BatchStats, Scheduler
 from actors.fleet.metrics import worker_series
 from actors.fleet.tasks import EvalTask, GlobalTask, LocalTask, Task
 from common.config import Config
@@ -42,20 +47,27 @@ class RolloutWorker:
             max_model_len=cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens,
             dtype=cfg.model.dtype,
         )
-        self.collector = GroupCollector(EpisodeRunner(self.engine, cfg), make_answer_agent(cfg.reward.answer_agent), cfg)
+        # Every task this worker holds (rollout.tasks_per_worker, each on its own actor thread)
+        # generates through one scheduler: one continuous batch on the engine.
+        self.scheduler = Scheduler(self.engine, threads=max(1, int(cfg.rollout.cpus_per_actor)))
+        runner = EpisodeRunner(self.engine, cfg, self.scheduler)
+        self.collector = GroupCollector(runner, make_answer_agent(cfg.reward.answer_agent), cfg)
         self.series = worker_series(run, worker_id, cfg.metrics.prometheus)
         self.pull_latest_policy()
 
     def info(self) -> dict:
         ctx = ray.get_runtime_context()
         return {"worker": self.worker_id, "engine": self.engine.name, "policy_version": self.engine.policy_version,
-                "pid": os.getpid(), "node": ctx.get_node_id()}
+                "pid": os.getpid(), "node": ctx.get_node_id(),
+                "transfer_backend": self.engine.transfer_backend, "weight_dtype": self.engine.weight_dtype}
 
     def run(self, task: Task, snapshot: MemoryBank | None = None) -> GlobalResult | LocalResult | MemoryScore:
         """Run one task; a local task gets its anchor's snapshot (resolved by Ray from the keeper)."""
         self.pull_latest_policy()
         if isinstance(task, GlobalTask):
-            result = self.collector.run_global(task.conv, task.horizon, task.n, task.task_id, keep=self._publisher(task))
+            published: list[ray.ObjectRef] = []
+            result = self.collector.run_global(task.conv, task.horizon, task.n, task.task_id, keep=self._publisher(task, published))
+            ray.get(published)  # the keeper holds every anchor's snapshot before the task counts as done
         elif isinstance(task, LocalTask):
             if snapshot is None:
                 raise ValueError(f"local task {task.task_id} needs its anchor's snapshot")
@@ -67,34 +79,100 @@ class RolloutWorker:
         self.series.inc("worker_generated_tokens", result.stats.generated_tokens)
         return result
 
-    def _publisher(self, task: GlobalTask):
-        """Before session t, hand each anchor's M_{t-1} to the keeper (and wait until it holds it:
-        a snapshot still in flight would die with this worker)."""
-        wanted = {a.session: a for a in task.anchors}
+    def _publisher(self, task: GlobalTask, published: list[ray.ObjectRef]):
+        """Before session t, hand the anchor rollout's M_{t-1} to the keeper by value. Not awaited
+        here (that would stall the engine's batch): if this worker dies before the keeper has it,
+        the task is re-run elsewhere and publishes it again."""
+        wanted = {(a.session, a.rollout): a for a in task.anchors}
 
-        def keep(session: Session, lanes: Sequence[Lane]) -> None:
-            anchor = wanted.get(session.index)
+        def keep(session: Session, rollout: int, lane: Lane) -> None:
+            anchor = wanted.get((session.index, rollout))
             if anchor is not None:
-                ray.get(self.keeper.publish.remote(anchor.snapshot_id, lanes[anchor.rollout].bank))
+                published.append(self.keeper.publish.remote(anchor.snapshot_id, lane.bank))
 
         return keep
 
-    def load_weights(self, wrapped_weights: list, version: int) -> int:
+    def load_weights(self, wrapped_weights: list, version: int, only_if_newer: bool = False) -> int:
         weights = ray.get(wrapped_weights[0])
-        self.engine.load_weights(weights.items(), version)
-        self.series.set("worker_policy_version", version)
-        return version
+        with self.scheduler.exclusive() as engine:
+            # Tasks pull on their own threads: another one may have just loaded this version.
+            if not (only_if_newer and version <= engine.policy_version):
+                engine.load_weights(weights.items(), version)
+        self.series.set("worker_policy_version", self.engine.policy_version)
+        return self.engine.policy_version
 
     def pull_latest_policy(self) -> int:
         """Catch up with the published policy (a worker that started late or replaced a dead one)."""
         version, wrapped = ray.get(self.policy_store.latest.remote())
         if wrapped is not None and version > self.engine.policy_version:
-            self.load_weights(wrapped, version)
+            self.load_weights(wrapped, version, only_if_newer=True)
         self.series.set("worker_policy_version", self.engine.policy_version)
         return self.engine.policy_version
 
+    # A collective weight sync (learner.weight_sync): learner rank 0 drives these through vLLM's Ray
+    # client (learner.weight_transfer.FleetClient); the names are vLLM's LLM methods of the same use.
+
+    def can_reach(self, address: tuple[str, int], timeout_s: float = 5.0) -> bool:
+        """Whether a TCP connection to learner rank 0's port opens from here (before forming a group)."""
+        try:
+            with socket.create_connection(address, timeout=timeout_s):
+                return True
+        except OSError:
+            return False
+
+    def init_weight_transfer_engine(self, request) -> None:
+        with self.scheduler.exclusive() as engine:
+            engine.init_weight_transfer_engine(request)
+
+    def start_weight_update(self) -> None:
+        with self.scheduler.exclusive() as engine:
+            engine.start_weight_update()
+
+    def update_weights(self, request) -> None:
+        with self.scheduler.exclusive() as engine:
+            engine.update_weights(request)
+
+    def finish_weight_update(self, version: int) -> int:
+        with self.scheduler.exclusive() as engine:
+            engine.finish_weight_update(version)
+        self.series.set("worker_policy_version", version)
+        return version
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        with self.scheduler.exclusive() as engine:
+            engine.shutdown_weight_transfer_engine()
+
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        return self.engine.generate([prompt], SamplingSpec(temperature=0.0, max_new_tokens=max_new_tokens))[0].token_ids
+        out: list[Generation] = []
+
+        def program():
+            out.append((yield Request(prompt, SamplingSpec(temperature=0.0, max_new_tokens=max_new_tokens, seed=0))))
+
+        self.scheduler.run([program()])
+        return out[0].token_ids
+
+    def batch_stats(self) -> dict:
+        """How full this worker's engine batch has been (sequences in flight per engine step)."""
+        stats = self.scheduler.stats
+        return {"steps": stats.steps, "in_flight_mean": stats.in_flight_mean, "requests": stats.requests,
+                "generated_tokens": stats.generated_tokens}
+
+    def record_requests(self) -> None:
+        """From now on keep every request sent to the engine, and count its batches afresh
+        (`memr2 bench rollout`)."""
+        self.scheduler.recorded, self.scheduler.stats = [], BatchStats()
+
+    def replay_raw(self, concurrency: int) -> dict:
+        """The recorded requests again, through vLLM's own `LLM.generate` in batches of
+        `concurrency`, on this same engine and CPU: the limit the scheduler is measured against."""
+        requests, self.scheduler.recorded = self.scheduler.recorded or [], None
+        with self.scheduler.exclusive() as engine:
+            engine.llm.reset_prefix_cache()  # the worker's run must not warm the replay's cache
+            start, tokens = time.perf_counter(), 0
+            for i in range(0, len(requests), concurrency):
+                tokens += engine.raw_generate(requests[i : i + concurrency])
+            return {"requests": len(requests), "generated_tokens": tokens, "wall_s": time.perf_counter() - start}
 
     def weight_fingerprint(self) -> str:
-        return self.engine.weight_fingerprint()
+        with self.scheduler.exclusive() as engine:
+            return engine.weight_fingerprint()
