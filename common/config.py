@@ -38,9 +38,9 @@ class DataConfig(Section):
     # LoCoMo lives beside the repo (CC BY-NC 4.0); it is read from there, never copied in.
     locomo_path: str = "../shared/data/locomo/locomo10.json"
     path: str | None = None  # source=file: any file in LoCoMo's schema
-    # 10 conversations to train on, two per step, and 6 to validate (the last ones: 20 questions
-    # at horizon 2, so that one question alone does not move validation F1 by the 0.05 we report).
-    synth: SynthConfig = SynthConfig(conversations=16, val_conversations=6)
+    # 12 conversations to train on, two per step (six steps), and 6 to validate (the last ones:
+    # 23 questions at horizon 2, so that one question alone does not move validation F1 by 0.05).
+    synth: SynthConfig = SynthConfig(conversations=18, val_conversations=6)
     train_ids: list[str] = ["conv-43", "conv-47"]
     val_ids: list[str] = ["conv-44"]
     test_ids: list[str] | None = None  # None: every conversation not in train or val
@@ -230,6 +230,38 @@ class ClusterConfig(Section):
     placement_timeout_s: float | None = Field(300.0, gt=0)
 
 
+class JudgeConfig(Section):
+    """The LLM judge behind J: any OpenAI-compatible endpoint (actors.eval.judge has the prompt)."""
+
+    url: str | None = None  # base URL, e.g. http://host:8000/v1; None: no judge, and J is absent
+    model: str | None = None  # the served model name
+    api_key_env: str = "OPENAI_API_KEY"  # read from the environment; a local server needs none
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(128, ge=1)
+    concurrency: int = Field(8, ge=1)  # requests in flight
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(2, ge=0)  # per request, on transient errors (rate limits, timeouts)
+
+    @model_validator(mode="after")
+    def _model_with_url(self) -> JudgeConfig:
+        if self.url and not self.model:
+            raise ValueError("eval.judge.model is required when eval.judge.url is set")
+        return self
+
+
+class EvalConfig(Section):
+    """`memr2 eval`: the policy builds memory session by session at rollout.eval_temperature, then
+    the answer agent answers every question from the final memory (DESIGN §5)."""
+
+    # test: LoCoMo's seven conversations outside train and validation; all: every conversation
+    # of the data (the default for `--data FILE`).
+    split: Literal["test", "val", "train", "all"] = "test"
+    horizon: int | None = Field(None, ge=1)  # sessions per conversation; None: every session
+    conversations: int | None = Field(None, ge=1)  # the first N of the split
+    max_questions: int | None = Field(None, ge=1)  # per conversation, the first N (quick runs)
+    judge: JudgeConfig = JudgeConfig()
+
+
 class MetricsConfig(Section):
     prometheus: bool = True
     # None: ./runs, or ~/memr2-runs under `ray job submit` (its working dir is a temporary copy).
@@ -250,6 +282,7 @@ class Config(Section):
     curriculum: CurriculumConfig = CurriculumConfig()
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
+    eval: EvalConfig = EvalConfig()
     metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")

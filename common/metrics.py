@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+from common.config import Config
 
 # The series the Grafana dashboard plots; every other key only goes to metrics.jsonl.
 GAUGES = (
@@ -44,3 +47,13 @@ class MetricsLog:
         """On resume: drop rows of steps the checkpoint does not cover (a kill mid-step)."""
         kept = [r for r in self.rows() if r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def run_root(cfg: Config) -> Path:
+    """metrics.run_dir; unset, ./runs, or ~/memr2-runs for a `ray job submit` entrypoint, whose
+    working directory is a temporary copy that Ray deletes."""
+    if cfg.metrics.run_dir:
+        return Path(cfg.metrics.run_dir).expanduser()
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor for the entrypoint
+        return Path.home() / "memr2-runs"
+    return Path("runs")

@@ -218,23 +218,25 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def render_table(summary: dict) -> Table:
+# Optional columns: `memr2 eval` adds M-Fail, and J when a judge ran.
+_EXTRA_COLUMNS = (("j", "J (%)"), ("m_fail", "M-Fail (%)"))
+
+
+def render_table(summary: dict, title: str = "LoCoMo scores") -> Table:
     """Per-category table, scores in percent (the papers' convention)."""
-    table = Table(title="LoCoMo scores")
+    extra = [(key, header) for key, header in _EXTRA_COLUMNS if any(key in stats for stats in summary.values())]
+    table = Table(title=title)
     for header in ("category", "name", "count"):
         table.add_column(header, justify="right" if header == "count" else "left")
-    table.add_column("F1 (%)", justify="right")
-    table.add_column("BLEU-1 (%)", justify="right")
+    for header in ("F1 (%)", "BLEU-1 (%)", *(header for _, header in extra)):
+        table.add_column(header, justify="right")
     categories = [key for key in summary if key not in ("all", "all_excl_5")]
-    for index, key in enumerate(categories):
+    labels = {key: summary[key]["name"] for key in categories} | {"all_excl_5": "overall, excl. 5", "all": "overall"}
+    for key in (*categories, "all_excl_5", "all"):
         stats = summary[key]
-        last = index == len(categories) - 1
-        table.add_row(key, stats["name"], str(stats["count"]), _percent(stats["f1"]),
-                      _percent(stats["bleu1"]), end_section=last)
-    for key, label in (("all_excl_5", "overall, excl. 5"), ("all", "overall")):
-        stats = summary[key]
-        table.add_row(key, label, str(stats["count"]), _percent(stats["f1"]),
-                      _percent(stats["bleu1"]))
+        scores = [_percent(stats.get(name)) for name in ("f1", "bleu1", *(k for k, _ in extra))]
+        table.add_row(key, labels[key], str(stats["count"]), *scores,
+                      end_section=bool(categories) and key == categories[-1])
     return table
 
 

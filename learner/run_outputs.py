@@ -4,14 +4,13 @@ the learning-curve PNG."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from common.config import Config
-from common.metrics import MetricsLog
+from common.metrics import MetricsLog, run_root
 
 
 @dataclass
@@ -33,16 +32,6 @@ class TrainState:
 Resume = Literal["never", "always", "auto"]
 
 
-def run_root(cfg: Config) -> Path:
-    """metrics.run_dir; unset, ./runs, or ~/memr2-runs for a `ray job submit` entrypoint, whose
-    working directory is a temporary copy that Ray deletes."""
-    if cfg.metrics.run_dir:
-        return Path(cfg.metrics.run_dir).expanduser()
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor for the entrypoint
-        return Path.home() / "memr2-runs"
-    return Path("runs")
-
-
 class RunDir:
     """resume: "always" needs a checkpointed run; "auto" resumes one if present and starts fresh
     otherwise (a retried RayJob continues instead of restarting); "never" refuses to overwrite."""
@@ -59,6 +48,7 @@ class RunDir:
         self.resumed = checkpointed and resume != "never"
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.path / "checkpoints"
+        self.policy = self.path / "policy"  # the final weights as a model folder (memr2 eval)
         self.metrics = MetricsLog(self.path / "metrics.jsonl", cfg.metrics.prometheus)
         (self.path / "config.json").write_text(cfg.model_dump_json(indent=1))
 

@@ -78,12 +78,12 @@ def run(cfg: Config, resume: Resume = "never") -> dict:
     check_model_name(cfg.model.name)  # one line here, not a traceback from inside every worker
     out = RunDir(cfg, resume)
     data = split(load_dataset(cfg.data), cfg.data)
-    init_ray(cfg.cluster, _asks(cfg))
+    init_ray(cfg.cluster, job_asks(cfg))
     model_dir, warm = warm_model(cfg, out.path)
     stages = cfg.curriculum.stages
     val_horizon = stages[-1].horizon  # every validation on the final task, so all are comparable
     learner = Learner(str(model_dir), cfg.algo, cfg.learner, cfg.seed)
-    fleet = RolloutFleet(cfg, run=out.name, other_bundles=_asks(cfg)["learner rank"])
+    fleet = RolloutFleet(cfg, run=out.name, other_bundles=job_asks(cfg)["learner rank"])
     state = TrainState()
     if out.resumed:
         state = out.load_state()
@@ -110,8 +110,10 @@ def run(cfg: Config, resume: Resume = "never") -> dict:
             if epoch_done:
                 break
     bar.close()
+    learner.save_pretrained(str(out.policy))  # the final policy as a model folder: `memr2 eval --policy <run dir>`
     summary = {
         "run": out.name,
+        "policy": str(out.policy),
         "steps": state.step,
         "val_f1_start": state.val_f1_start,
         "val_f1_end": state.val_f1_last,
@@ -139,7 +141,8 @@ def _gain(validations: list[dict]) -> dict:
             "val_f1_gain_ci": bootstrap_ci(diffs), "val_questions": len(before)}
 
 
-def _asks(cfg: Config) -> Asks:
+def job_asks(cfg: Config) -> Asks:
+    """What a training job needs placed at once: its rollout workers and learner ranks."""
     return {**fleet_asks(cfg), "learner rank": [rank_resources(cfg.learner)] * cfg.learner.num_ranks}
 
 

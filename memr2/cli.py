@@ -77,6 +77,15 @@ def _cmd_bench_rollout(args: argparse.Namespace) -> int:
     return _print(run_rollout_bench(bench_config(args.overrides)), args.json)
 
 
+def _cmd_bench_learning(args: argparse.Namespace) -> int:
+    from learner.bench_learning import run_learning_bench
+
+    result = run_learning_bench([a.strip() for a in args.arms.split(",") if a.strip()], args.seeds, args.overrides)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def _cmd_rollout(args: argparse.Namespace) -> int:
     from actors.rollout_job import run_rollouts, smoke_config
     from common.config import load_config
@@ -91,6 +100,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     summary = run(load_config(args.config, args.overrides), resume=args.resume)
     print(json.dumps(summary))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from actors.eval.job import resolve_policy, run_eval
+    from common.config import load_config
+
+    # `--data FILE` evaluates every conversation of the file unless --split says otherwise.
+    data = {"locomo": ["data.source=locomo"], "synthetic": ["data.source=synthetic"]}.get(
+        args.data, ["data.source=file", f"data.path={args.data}", f"eval.split={args.split or 'all'}"])
+    flags = {"eval.split": args.split, "eval.horizon": args.horizon, "eval.conversations": args.conversations,
+             "eval.max_questions": args.max_questions}
+    overrides = data + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    cfg = load_config(args.config, overrides + list(args.overrides))
+    if args.policy:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": resolve_policy(args.policy)})})
+    report = run_eval(cfg, args.out)
+    print(json.dumps(report) if args.json else f"eval: {report['questions']} questions -> {report['out']}")
     return 0
 
 
@@ -159,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollout_bench.add_argument("--json", action="store_true")
     rollout_bench.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
     rollout_bench.set_defaults(fn=_cmd_bench_rollout)
+    learning = bench.add_parser("learning", help="LoGo-GRPO against plain GRPO at equal samples: val F1 gain and "
+                                                 "M-Fail per arm, mean and standard error over seeds")
+    learning.add_argument("--arms", default="logo,grpo", help="comma-separated: logo, grpo")
+    learning.add_argument("--seeds", type=int, default=3)
+    learning.add_argument("--json", action="store_true")
+    learning.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides for every run")
+    learning.set_defaults(fn=_cmd_bench_learning)
     rollout = sub.add_parser("rollout", help="run rollouts only: global and local groups on Ray rollout actors")
     _add_config_args(rollout)
     rollout.add_argument("--smoke", action="store_true", help="the embedded default at smoke size (1 conversation, 4 sessions, n=4, m=2)")
@@ -171,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run named by metrics.run_name from its last step; "
                             "'--resume auto' resumes if it has a checkpoint and starts fresh otherwise (retried jobs)")
     train.set_defaults(fn=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a policy on LoCoMo: memory built on the rollout fleet, then official F1, "
+                                     "BLEU-1, LLM-judge J and M-Fail per category")
+    _add_config_args(ev)
+    ev.add_argument("--policy", help="a training run's folder (its final policy), tiny, smollm2, a checkpoint folder "
+                                     "or a hub id (default: model.name)")
+    ev.add_argument("--data", default="locomo", help="locomo (default), synthetic, or any file in LoCoMo's schema")
+    ev.add_argument("--split", choices=["test", "val", "train", "all"], help="default: test (all for a file)")
+    ev.add_argument("--horizon", type=int, help="sessions per conversation (default: every session)")
+    ev.add_argument("--conversations", type=int, help="the first N conversations of the split")
+    ev.add_argument("--max-questions", type=int, help="at most N questions per conversation")
+    ev.add_argument("--out", help="output folder (default: <metrics.run_dir>/eval-<time>)")
+    ev.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    ev.set_defaults(fn=_cmd_eval)
 
     warm = sub.add_parser("warmstart", help="supervised warm start on a synthetic world's gold facts and operations")
     _add_config_args(warm)

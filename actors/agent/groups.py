@@ -23,6 +23,7 @@ from actors.agent.episode import EpisodeRunner, Lane
 from actors.agent.rewards import (
     MemoryScore,
     dialogue_tokens,
+    final_questions,
     memory_score,
     questions_of_session,
     questions_up_to,
@@ -109,7 +110,7 @@ class GroupCollector:
         stats.add(lanes)
 
         start = time.perf_counter()
-        questions = questions_up_to(scored_questions(conv, self.cfg.data.exclude_adversarial), horizon)
+        questions = final_questions(conv, horizon, self.cfg.data.exclude_adversarial)
         seen = dialogue_tokens(conv, horizon)
         predictions = [self._answer(conv, lane.bank, questions) for lane in lanes]
         final = [memory_score(lane.bank, questions, p, seen, self.cfg.reward) for lane, p in zip(lanes, predictions)]
@@ -149,7 +150,7 @@ class GroupCollector:
         spec = SamplingSpec(temperature=r.eval_temperature, top_p=1.0, max_new_tokens=r.max_new_tokens, seed=0)
         lane = Lane(MemoryBank.empty(self.cfg.memory.retriever))
         self.runner.run([self._rollout(lane, 0, conv, horizon, spec, key)])
-        questions = questions_up_to(scored_questions(conv, self.cfg.data.exclude_adversarial), horizon)
+        questions = final_questions(conv, horizon, self.cfg.data.exclude_adversarial)
         bank = lane.bank
         return memory_score(bank, questions, self._answer(conv, bank, questions), dialogue_tokens(conv, horizon), self.cfg.reward)
 

@@ -25,7 +25,11 @@ class MemoryScore:
     compression: float
     m_fail: float
     questions: int
-    f1s: tuple[float, ...] = ()  # per question, in order: validation pools them across conversations
+    # Per question, in order: validation pools F1 across conversations; eval reports all three.
+    f1s: tuple[float, ...] = ()
+    predictions: tuple[str, ...] = ()
+    m_fails: tuple[float, ...] = ()
+    memory_tokens: int = 0
 
 
 def answer_session(qa: QA) -> int | None:
@@ -37,6 +41,12 @@ def answer_session(qa: QA) -> int | None:
 def scored_questions(conv: Conversation, exclude_adversarial: bool) -> list[QA]:
     """Questions that can score a memory: with evidence, and not adversarial if excluded."""
     return [q for q in conv.qa if answer_session(q) is not None and not (exclude_adversarial and q.category == 5)]
+
+
+def final_questions(conv: Conversation, horizon: int, exclude_adversarial: bool) -> list[QA]:
+    """What the final memory M_T is asked (global rollouts, validation, `memr2 eval`): everything
+    answerable by session T."""
+    return questions_up_to(scored_questions(conv, exclude_adversarial), min(horizon, len(conv.sessions)))
 
 
 def questions_of_session(questions: Sequence[QA], t: int) -> list[QA]:
@@ -68,4 +78,5 @@ def memory_score(bank: MemoryBank, questions: Sequence[QA], predictions: Sequenc
     f1 = sum(f1s) / len(f1s) if f1s else 0.0
     comp = compression(bank, seen_tokens, cfg.alpha)
     evidence = [e for q in questions for e in q.evidence]
-    return MemoryScore(f1 - cfg.lam * comp, f1, comp, bank.m_fail(evidence), len(questions), tuple(f1s))
+    return MemoryScore(f1 - cfg.lam * comp, f1, comp, bank.m_fail(evidence), len(questions), tuple(f1s),
+                       tuple(predictions), tuple(bank.m_fail(q.evidence) for q in questions), bank.tokens)

@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -87,11 +87,14 @@ class _Round:
     expected: int = 0
     attempts: Counter = field(default_factory=Counter)
     ran_on: dict[str, str] = field(default_factory=dict)
+    on_result: Callable[[str], None] | None = None  # task id, once per task (a progress bar)
 
     def accept(self, task_id: str, value: Any, worker_id: str = "") -> bool:
         if task_id in self.results:
             return False
         self.results[task_id], self.ran_on[task_id] = value, worker_id
+        if self.on_result is not None:
+            self.on_result(task_id)
         return True
 
     def done(self) -> bool:
@@ -140,9 +143,11 @@ class RolloutFleet:
         batch.wall_s = time.perf_counter() - start
         return batch
 
-    def evaluate(self, conversations: Sequence[Conversation], horizon: int) -> list[MemoryScore]:
+    def evaluate(self, conversations: Sequence[Conversation], horizon: int,
+                 on_result: Callable[[str], None] | None = None) -> list[MemoryScore]:
+        """One rollout per conversation at the evaluation temperature, all in one batch."""
         tasks = plan_validation(conversations, horizon, next(self._eval_rounds))
-        results = self.run_tasks(tasks)
+        results = self.run_tasks(tasks, on_result)
         return [results[t.task_id] for t in tasks]
 
     def load_weights(self, wrapped_weights: list, version: int) -> None:
@@ -162,9 +167,9 @@ class RolloutFleet:
             if slot.worker_id in self.slots:
                 self._drop(slot, _Round(), reason)
 
-    def run_tasks(self, tasks: Sequence[Task]) -> dict[str, Any]:
+    def run_tasks(self, tasks: Sequence[Task], on_result: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Run every task once on the live workers; task id -> result."""
-        rnd = _Round(expected=len(tasks))
+        rnd = _Round(expected=len(tasks), on_result=on_result)
         for task in tasks:
             if isinstance(task, LocalTask):
                 rnd.gated[self.keeper.wait.remote(task.snapshot_id)] = task

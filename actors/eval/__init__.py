@@ -1,0 +1,1 @@
+"""Evaluation of a policy on LoCoMo: the eval job and the LLM judge."""

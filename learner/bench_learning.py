@@ -1,0 +1,104 @@
+"""`memr2 bench learning`: LoGo-GRPO against plain GRPO at equal samples, over seeds.
+
+Plain GRPO is LoGo-GRPO without local groups (`algo.local_prob=0`). To train on as many
+generation steps per update, it gets the local groups' expected share as more global rollouts:
+a local group adds, per session with probability p_local, m branches of one session, which is
+p_local * m session-rollouts per session, against n per session from the global group. So
+
+    n_grpo = n + round(p_local * m)          (the embedded default: 8 + 0.5 * 2 = 9)
+
+Every run of every arm starts from one warm start (made once, copied into each run), so arms and
+seeds differ only in their RL. Reported per arm: mean and standard error over seeds of the
+validation F1 gain (last validation minus first) and of the last validation's M-Fail, and the
+generation steps per update actually sampled (the match, measured).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from actors.engines.models import resolve_model
+from actors.fleet.cluster import init_ray
+from common.config import Config, load_config
+from common.metrics import run_root
+from learner.train import job_asks, run
+from learner.warmstart import run_warmstart
+
+ARMS = ("logo", "grpo")
+
+
+def arm_overrides(arm: str, cfg: Config) -> list[str]:
+    if arm == "logo":
+        return []
+    if arm == "grpo":
+        matched = cfg.rollout.n_global + round(cfg.algo.local_prob * cfg.rollout.m_local)
+        return ["algo.local_prob=0", f"rollout.n_global={matched}"]
+    raise ValueError(f"bench learning: unknown arm {arm!r} (arms: {', '.join(ARMS)})")
+
+
+def run_learning_bench(arms: list[str], seeds: int, overrides: list[str], console: Console | None = None) -> dict:
+    start = time.perf_counter()
+    base = load_config(None, overrides)
+    plans = {arm: arm_overrides(arm, base) for arm in arms}  # unknown arms fail before any work
+    root = run_root(base) / time.strftime("bench-learning-%Y%m%d-%H%M%S")
+    init_ray(base.cluster, job_asks(base))
+    warm = _shared_warmstart(base, root / "warmstart")
+    result: dict = {"seeds": seeds, "arms": {}}
+    for arm, extra in plans.items():
+        runs = []
+        for seed in range(seeds):
+            name = f"{arm}-seed{seed}"
+            cfg = load_config(None, [*overrides, *extra, f"seed={seed}", f"metrics.run_dir={root}", f"metrics.run_name={name}"])
+            if warm is not None:
+                shutil.copytree(warm, root / name / "warmstart")
+            runs.append(_one_run(run(cfg), root / name))
+        result["arms"][arm] = {"overrides": extra, **_mean_se(runs, "val_f1_gain"), **_mean_se(runs, "val_m_fail_end"),
+                               "samples_per_step": statistics.fmean(r["samples_per_step"] for r in runs), "runs": runs}
+    result["wall_s"] = time.perf_counter() - start
+    result["out"] = str(root)
+    (console or Console(stderr=True)).print(render(result))
+    return result
+
+
+def _shared_warmstart(cfg: Config, out: Path) -> Path | None:
+    if not cfg.train.warmstart.enabled:
+        return None
+    run_warmstart(cfg, resolve_model(cfg.model.name), out)
+    return out
+
+
+def _one_run(summary: dict, run_dir: Path) -> dict:
+    import json
+
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    vals = [r for r in rows if "val_f1" in r]
+    steps = [r["steps"] for r in rows if "reward_mean" in r]
+    return {"seed_run": summary["run"], "val_f1_start": summary["val_f1_start"], "val_f1_end": summary["val_f1_end"],
+            "val_f1_gain": summary["val_f1_end"] - summary["val_f1_start"], "val_m_fail_end": vals[-1]["val_m_fail"],
+            "samples_per_step": statistics.fmean(steps) if steps else 0.0, "wall_s": summary["wall_s"]}
+
+
+def _mean_se(runs: list[dict], key: str) -> dict:
+    values = [r[key] for r in runs]
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+    return {f"{key}_mean": statistics.fmean(values), f"{key}_se": se}
+
+
+def render(result: dict) -> Table:
+    table = Table(title=f"LoGo-GRPO vs GRPO at equal samples ({result['seeds']} seeds, mean ± s.e.)")
+    for header in ("arm", "val F1 gain", "val M-Fail (end)", "samples / step"):
+        table.add_column(header, justify="left" if header == "arm" else "right")
+
+    def fmt(stats: dict, key: str) -> str:
+        se = stats[f"{key}_se"]
+        return f"{stats[f'{key}_mean']:+.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+    for arm, stats in result["arms"].items():
+        table.add_row(arm, fmt(stats, "val_f1_gain"), fmt(stats, "val_m_fail_end").lstrip("+"), f"{stats['samples_per_step']:.0f}")
+    return table

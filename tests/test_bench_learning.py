@@ -1,0 +1,39 @@
+"""`memr2 bench learning`: the arms, the sample match, and one small run of both arms end to end."""
+
+import json
+
+import pytest
+
+from common.config import load_config
+from learner.bench_learning import arm_overrides
+from memr2.cli import main
+
+
+def test_plain_grpo_gets_the_local_groups_expected_samples_as_global_rollouts():
+    cfg = load_config()  # n = 8, m = 2, p_local = 0.5: a session's local share is one more rollout
+    assert arm_overrides("logo", cfg) == []
+    assert arm_overrides("grpo", cfg) == ["algo.local_prob=0", "rollout.n_global=9"]
+    paper = load_config(None, ["rollout.n_global=16", "rollout.m_local=4"])
+    assert arm_overrides("grpo", paper) == ["algo.local_prob=0", "rollout.n_global=18"]
+    with pytest.raises(ValueError, match="unknown arm 'ppo'"):
+        arm_overrides("ppo", cfg)
+
+
+@pytest.mark.slow
+def test_both_arms_run_and_report_mean_and_error_over_seeds(ray_local, tmp_path, capsys):
+    tiny = ["model.name=tiny", "train.warmstart.enabled=false", "learner.frozen_layers=0", "learner.bf16=off",
+            "data.synth.conversations=3", "data.synth.val_conversations=1", "data.synth.sessions=1",
+            "curriculum.stages=[{horizon: 1, epochs: 1}]", "rollout.n_global=2", "rollout.max_new_tokens=16",
+            "train.conversations_per_step=2", "rollout.num_actors=1", "learner.cpus_per_rank=1",
+            "metrics.prometheus=false", f"metrics.run_dir={tmp_path}"]
+    assert main(["bench", "learning", "--arms", "logo,grpo", "--seeds", "2", "--json", *tiny]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["arms"]) == {"logo", "grpo"} and result["seeds"] == 2
+    assert result["arms"]["grpo"]["overrides"] == ["algo.local_prob=0", "rollout.n_global=3"]
+    for arm in result["arms"].values():
+        runs = arm["runs"]
+        assert len(runs) == 2 and len({r["seed_run"] for r in runs}) == 2
+        gains = [r["val_f1_end"] - r["val_f1_start"] for r in runs]
+        assert arm["val_f1_gain_mean"] == pytest.approx(sum(gains) / 2)
+        assert arm["val_f1_gain_se"] == pytest.approx(abs(gains[0] - gains[1]) / 2)  # stdev/sqrt(2) of two values
+        assert arm["samples_per_step"] > 0
