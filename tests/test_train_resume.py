@@ -76,3 +76,5 @@ def test_kill_and_resume_reproduces_the_next_step(tmp_path):
     for name in ("straight", "killed"):
         out = tmp_path / name
         assert (out / "summary.json").is_file() and (out / "learning_curve.png").stat().st_size > 0
+        assert (out / "policy" / "config.json").is_file()  # the final policy: `memr2 eval --policy <run>`
+    assert summary["policy"] == str(tmp_path / "straight" / "policy")
