@@ -41,15 +41,21 @@ def main(address: str) -> None:
     fleet.load_weights(wrapped, 5)
     conversations = split(load_dataset(cfg.data), cfg.data)["train"]
     steps, grown = [], False
-    for step in range(8):  # backlog (3 global + up to 12 local tasks) asks for the second worker
+    # Backlog (3 global + up to 12 local tasks) asks for the second worker; its node and engine take
+    # tens of seconds to start (longer on a busy machine), so steps go on until it serves or 300 s pass.
+    deadline, step = time.monotonic() + 300, 0
+    while time.monotonic() < deadline:
+        step_start = time.monotonic()
         batch = fleet.run(plan_step(cfg, conversations, cfg.rollout.horizon, step))
         workers = {s.worker_id: s.info for s in fleet.live()}
         steps.append({"step": step, "live": len(workers), "target": fleet.target, "nodes": alive_worker_nodes(),
+                      "wall_s": round(time.monotonic() - step_start, 1), "slots": sorted(fleet.slots),
                       "ran_on": sorted(set(fleet.ran_on.values())), "versions": sorted(batch.policy_versions),
                       "worker_versions": sorted(i["policy_version"] for i in ray.get([s.handle.info.remote() for s in fleet.live()]))})
         if len(workers) == 2 and len(steps[-1]["ran_on"]) == 2:
             grown = True
             break
+        step += 1
     seen["steps"], seen["grown"] = steps, grown
     idle_start = time.monotonic()
     fleet.idle(15)  # nothing to do: after scale_down_delay_s the fleet drains to its minimum
