@@ -1,6 +1,7 @@
 """A real OpenAI-compatible HTTP server on loopback, for tests of clients that use the `openai`
 package: POST /v1/chat/completions answers with `reply(user_prompt)`, GET /v1/models lists the
-allowed models, and an unknown model gets the 404 error body OpenAI and vLLM send.
+allowed models, and an unknown model gets the 404 error body OpenAI and vLLM send. A reply that
+raises `ErrorReply` plays a server error of its status; any other exception is a 500.
 
     with FakeOpenAI(lambda prompt: "ok") as srv:
         client = openai.OpenAI(base_url=srv.url, api_key="x")
@@ -18,10 +19,19 @@ from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class ErrorReply(Exception):
+    """Raised by a test's reply: the server answers with this HTTP status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class FakeOpenAI:
     def __init__(self, reply: Callable[[str], str], models: Iterable[str] = ("judge",)):
         self.reply, self.models = reply, frozenset(models)
         self.requests: list[dict] = []  # request bodies, in arrival order
+        self.headers: list[dict[str, str]] = []  # their headers (lower-case names), in the same order
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -47,9 +57,10 @@ class FakeOpenAI:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _complete(self, body: dict) -> tuple[int, dict]:
+    def _complete(self, body: dict, headers: dict[str, str]) -> tuple[int, dict]:
         with self._lock:
             self.requests.append(body)
+            self.headers.append(headers)
             n = next(self._ids)
         model = body.get("model")
         if model not in self.models:
@@ -58,6 +69,8 @@ class FakeOpenAI:
         user = [m["content"] for m in body.get("messages", []) if m.get("role") == "user"]
         try:
             content = self.reply(user[-1] if user else "")
+        except ErrorReply as err:
+            return err.status, {"error": {"message": str(err), "type": "APIError", "param": None, "code": err.status}}
         except Exception as err:  # noqa: BLE001 - a test's reply that raises plays a server error
             return 500, {"error": {"message": repr(err), "type": "InternalServerError", "param": None, "code": 500}}
         return 200, {
@@ -82,7 +95,7 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
             if self.path.rstrip("/") != "/v1/chat/completions":
                 return self._send(404, {"error": {"message": f"no route {self.path}", "type": "NotFoundError"}})
-            self._send(*fake._complete(body))
+            self._send(*fake._complete(body, {k.lower(): v for k, v in self.headers.items()}))
 
         def _send(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()

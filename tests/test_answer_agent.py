@@ -1,10 +1,8 @@
 """The answer agents: the built-in reader on hand-made banks, the OpenAI-compatible agent against a
 real loopback HTTP server, the engine agent with a minimal in-test engine, and the factory."""
 
-import json
 import pickle
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,6 +19,7 @@ from actors.engines.base import Generation
 from common.config import AnswerAgentConfig
 from common.types import QA, MemoryItem, Operation
 from memory_service.bank import MemoryBank
+from tests.fake_openai import ErrorReply, FakeOpenAI
 
 SPEAKERS = ("Alice", "Vera")
 
@@ -112,56 +111,35 @@ def test_reader_ties_go_to_the_latest_memory_then_the_higher_ranked_and_it_is_de
 
 
 # -- the OpenAI-compatible agent -----------------------------------------------------------------
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest output clean
-        pass
+class _Answerer:
+    """The fake endpoint's reply, which depends on the request: the question's last word, then a
+    line to be ignored. `mode` plays a server that is down, flaky (each question's first attempt
+    fails) or refuses the request (400)."""
 
-    def do_POST(self):
-        srv = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        question = body["messages"][-1]["content"].split("Question:")[-1].split("\n")[0].strip()
-        with srv.lock:
-            srv.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-            srv.attempts[question] = srv.attempts.get(question, 0) + 1
-            first = srv.attempts[question] == 1
-        if self.path != "/v1/chat/completions":
-            return self._send(404, {"error": {"message": "no such route"}})
-        if srv.mode == "down" or (srv.mode == "flaky" and first):
-            return self._send(500, {"error": {"message": "overloaded"}})
-        if srv.mode == "bad":
-            return self._send(400, {"error": {"message": "bad request"}})
-        # The reply depends on the request: the question's last word, then a line to be ignored.
-        reply = question.rstrip("?").split()[-1] + "\nbecause the memories say so"
-        self._send(200, {
-            "id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        })
+    def __init__(self) -> None:
+        self.mode, self.attempts, self.lock = "ok", {}, threading.Lock()
 
-    def _send(self, status, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def __call__(self, prompt: str) -> str:
+        question = prompt.split("Question:")[-1].split("\n")[0].strip()
+        with self.lock:
+            self.attempts[question] = self.attempts.get(question, 0) + 1
+            first = self.attempts[question] == 1
+        if self.mode == "down" or (self.mode == "flaky" and first):
+            raise ErrorReply(500, "overloaded")
+        if self.mode == "bad":
+            raise ErrorReply(400, "bad request")
+        return question.rstrip("?").split()[-1] + "\nbecause the memories say so"
 
 
 @pytest.fixture
 def server(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy in the environment must not see loopback
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.mode, srv.requests, srv.attempts, srv.lock = "ok", [], {}, threading.Lock()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with FakeOpenAI(_Answerer(), models={"judge-model"}) as srv:
+        yield srv
 
 
 def _agent(srv, **kw):
-    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    return OpenAIAnswerAgent(url, "judge-model", api_key_env="ANSWER_TEST_KEY", temperature=0.0, max_new_tokens=32,
+    return OpenAIAnswerAgent(srv.url, "judge-model", api_key_env="ANSWER_TEST_KEY", temperature=0.0, max_new_tokens=32,
                              timeout=5, backoff=0.01, **kw)
 
 
@@ -176,8 +154,9 @@ def test_openai_agent_sends_model_temperature_memories_and_returns_first_lines(s
     assert got == ["live", "Bandit", "Bandit"] and agent.failures == 0
     assert len(server.requests) == 3
     # Requests run concurrently, so find the one for the Bandit date question by its content.
-    (path, headers, body), = [r for r in server.requests if "Question: When did Vera" in r[2]["messages"][-1]["content"]]
-    assert path == "/v1/chat/completions" and headers["authorization"] == "Bearer sk-loopback"
+    (headers, body), = [(h, b) for h, b in zip(server.headers, server.requests)
+                        if "Question: When did Vera" in b["messages"][-1]["content"]]
+    assert headers["authorization"] == "Bearer sk-loopback"
     assert body["model"] == "judge-model" and body["temperature"] == 0.0 and body["max_tokens"] == 32
     system, user = body["messages"][0]["content"], body["messages"][1]["content"]
     assert NO_INFO in system
@@ -190,28 +169,28 @@ def test_openai_agent_sends_model_temperature_memories_and_returns_first_lines(s
 
 def test_openai_agent_retries_transient_errors(server, monkeypatch):
     monkeypatch.delenv("ANSWER_TEST_KEY", raising=False)
-    server.mode = "flaky"
+    server.reply.mode = "flaky"
     agent = _agent(server)
     assert agent.answer(_queries("Where does Alice live?", "Who adopted Bandit?")) == ["live", "Bandit"]
-    assert agent.failures == 0 and sorted(server.attempts.values()) == [2, 2]
-    assert server.requests[0][1]["authorization"] == "Bearer EMPTY"  # vLLM servers accept any key
+    assert agent.failures == 0 and sorted(server.reply.attempts.values()) == [2, 2]
+    assert server.headers[0]["authorization"] == "Bearer EMPTY"  # vLLM servers accept any key
 
 
 def test_openai_agent_counts_a_request_that_keeps_failing_and_never_raises(server):
-    server.mode = "down"
+    server.reply.mode = "down"
     agent = _agent(server, retries=2)
     assert agent.answer(_queries("Where does Alice live?")) == [""]
-    assert agent.failures == 1 and list(server.attempts.values()) == [3]
-    server.mode = "bad"  # a 400 is not transient: one attempt, counted
+    assert agent.failures == 1 and list(server.reply.attempts.values()) == [3]
+    server.reply.mode = "bad"  # a 400 is not transient: one attempt, counted
     assert agent.answer(_queries("Who adopted Bandit?")) == [""]
-    assert agent.failures == 2 and server.attempts["Who adopted Bandit?"] == 1
+    assert agent.failures == 2 and server.reply.attempts["Who adopted Bandit?"] == 1
 
 
 def test_openai_agent_unreachable_endpoint_is_a_failure_not_a_crash(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    with ThreadingHTTPServer(("127.0.0.1", 0), _Handler) as srv:
-        port = srv.server_address[1]  # bound then closed: nothing listens there any more
-    agent = OpenAIAnswerAgent(f"http://127.0.0.1:{port}/v1", "m", timeout=2, retries=1, backoff=0.01)
+    with FakeOpenAI(_Answerer()) as srv:
+        url = srv.url  # bound then closed: nothing listens there any more
+    agent = OpenAIAnswerAgent(url, "m", timeout=2, retries=1, backoff=0.01)
     assert agent.answer(_queries("Where does Alice live?")) == [""] and agent.failures == 1
 
 
