@@ -55,7 +55,8 @@ def train_step(fleet: RolloutFleet, learner: Learner, conversations: list[Conver
 
 def validate(fleet: RolloutFleet, conversations: list[Conversation], horizon: int) -> dict:
     """F1 over every validation question (as LoCoMo's tables pool them), with a bootstrap 95% CI."""
-    scores = fleet.evaluate(conversations, horizon)
+    results = fleet.evaluate(conversations, horizon)
+    scores = [r.score for r in results]
     f1s = [f for s in scores for f in s.f1s]
     return {
         "val_f1": statistics.fmean(f1s) if f1s else 0.0,
@@ -63,6 +64,7 @@ def validate(fleet: RolloutFleet, conversations: list[Conversation], horizon: in
         "val_questions": len(f1s),
         "val_f1_per_question": f1s,
         "val_m_fail": statistics.fmean(s.m_fail for s in scores),
+        "val_format_failures": sum(r.stats.format_failures for r in results),
     }
 
 

@@ -125,3 +125,18 @@ def test_compression_penalty_formula():
     assert compression(bank, 10, 0.7) == pytest.approx((10 - 7) / 10)
     assert compression(bank, 100, 0.7) == 0.0
     assert compression(bank, 0, 0.7) == 0.0
+
+
+def test_evaluation_counts_its_format_failures_and_generated_tokens(cfg):
+    """Validation and `memr2 eval` report what the rollout took, as training steps do."""
+    def prose_manager(system: str, user: str, lane: int) -> str:
+        return respond(system, user, 0) if "Extract facts" in system else "Sure! I would store those."
+
+    engine = ScriptedEngine(prose_manager)
+    result = GroupCollector(EpisodeRunner(engine, cfg), ReaderAgent(), cfg).evaluate(conversation(), 2, "val/c1")
+    # Managers run for the chunks with facts: two in session 1, "I moved to Denver." in session 2.
+    roles = [("manager" if "Extract facts" not in system else "extractor") for system, _ in engine.texts]
+    assert roles.count("manager") == 3 and result.stats.format_failures == 3 and result.stats.lanes == 1
+    assert result.stats.steps == len(engine.texts) == 7
+    assert result.stats.generated_tokens == sum(len(prose_manager(s, u, 0).split()) for s, u in engine.texts)
+    assert result.score.memory_tokens == 0 and result.score.questions == 2  # nothing stored; category 5 left out

@@ -48,6 +48,7 @@ def test_eval_end_to_end_with_a_judge(ray_local, tmp_path, monkeypatch, capsys):
     rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
     assert report == json.loads((out / "eval.json").read_text())
     assert report["conversations"] == 1 and report["questions"] == len(rows) > 0 and report["memory_tokens_mean"] >= 0
+    assert report["generated_tokens"] > 0 and 0 <= report["format_failures"] <= report["generated_tokens"]
 
     # F1 per row is what `memr2 score` gives on the same predictions.
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("f1", "bleu1", "judge")}) + "\n" for r in rows))

@@ -77,6 +77,14 @@ class LaneStats:
             self.prompt_overflows += lane.prompt_overflows
 
 
+
+@dataclass(slots=True, frozen=True)
+class EvalResult:
+    """A validation / `memr2 eval` rollout: its terminal memory's score and what generating it took."""
+
+    score: MemoryScore
+    stats: LaneStats
+
 @dataclass(slots=True)
 class GlobalResult:
     groups: list[Group]  # one per session t with questions
@@ -143,7 +151,7 @@ class GroupCollector:
         stats.score_s = time.perf_counter() - start
         return LocalResult(self._group("local", f"{conv.sample_id}/s{t}/anchor{anchor}", conv, t, lanes, scores), stats)
 
-    def evaluate(self, conv: Conversation, horizon: int, key: str) -> MemoryScore:
+    def evaluate(self, conv: Conversation, horizon: int, key: str) -> EvalResult:
         """Validation: one rollout at the evaluation temperature, terminal memory on all questions."""
         horizon = min(horizon, len(conv.sessions))
         r = self.cfg.rollout
@@ -151,8 +159,10 @@ class GroupCollector:
         lane = Lane(MemoryBank.empty(self.cfg.memory.retriever))
         self.runner.run([self._rollout(lane, 0, conv, horizon, spec, key)])
         questions = final_questions(conv, horizon, self.cfg.data.exclude_adversarial)
-        bank = lane.bank
-        return memory_score(bank, questions, self._answer(conv, bank, questions), dialogue_tokens(conv, horizon), self.cfg.reward)
+        bank, stats = lane.bank, LaneStats()
+        stats.add([lane])
+        score = memory_score(bank, questions, self._answer(conv, bank, questions), dialogue_tokens(conv, horizon), self.cfg.reward)
+        return EvalResult(score, stats)
 
     def _rollout(self, lane: Lane, i: int, conv: Conversation, horizon: int, spec: SamplingSpec, key: str, keep: Keep | None = None) -> Program:
         """Rollout i over sessions 1..T, one program; `keep` sees its lane before each session."""

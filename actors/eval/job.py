@@ -71,9 +71,10 @@ def run_eval(cfg: Config, out_dir: str | Path | None = None, console: Console | 
     fleet = RolloutFleet(cfg, run=out.name)
     try:
         with tqdm(total=len(conversations), desc="eval", unit="conversation") as bar:
-            scores = fleet.evaluate(conversations, horizon, on_result=lambda _: bar.update())
+            results = fleet.evaluate(conversations, horizon, on_result=lambda _: bar.update())
     finally:
         fleet.shutdown()
+    scores = [r.score for r in results]
     rows = score_rows(_rows(conversations, scores, horizon))  # the F1 and BLEU-1 `memr2 score` gives
     verdicts = _judge(judge, rows)
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
@@ -87,6 +88,9 @@ def run_eval(cfg: Config, out_dir: str | Path | None = None, console: Console | 
         "questions": len(rows),
         "scores": _tables(rows, judged=judge is not None),
         "memory_tokens_mean": statistics.fmean(s.memory_tokens for s in scores),
+        # Manager / extractor replies with no parsable JSON: counted, never fatal (DESIGN §2).
+        "format_failures": sum(r.stats.format_failures for r in results),
+        "generated_tokens": sum(r.stats.generated_tokens for r in results),
         "judge": None if judge is None else {
             "url": cfg.eval.judge.url, "model": cfg.eval.judge.model,
             "judged": len(verdicts), "unparsed": sum(v.label is None for v in verdicts)},

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import ray
 from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
-from actors.agent.rewards import MemoryScore
+from actors.agent.groups import EvalResult
 from actors.fleet.batch import RolloutBatch
 from actors.fleet.metrics import fleet_series
 from actors.fleet.policy_store import PolicyStore, on_this_node
@@ -144,7 +144,7 @@ class RolloutFleet:
         return batch
 
     def evaluate(self, conversations: Sequence[Conversation], horizon: int,
-                 on_result: Callable[[str], None] | None = None) -> list[MemoryScore]:
+                 on_result: Callable[[str], None] | None = None) -> list[EvalResult]:
         """One rollout per conversation at the evaluation temperature, all in one batch."""
         tasks = plan_validation(conversations, horizon, next(self._eval_rounds))
         results = self.run_tasks(tasks, on_result)

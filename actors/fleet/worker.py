@@ -21,8 +21,7 @@ import torch
 
 from actors.agent.answer_agent import make_answer_agent
 from actors.agent.episode import EpisodeRunner, Lane
-from actors.agent.groups import GlobalResult, GroupCollector, LocalResult
-from actors.agent.rewards import MemoryScore
+from actors.agent.groups import EvalResult, GlobalResult, GroupCollector, LocalResult
 from actors.engines.base import Generation, Request, SamplingSpec
 from actors.engines.factory import make_engine
 from actors.engines.models import resolve_model
@@ -61,7 +60,7 @@ class RolloutWorker:
                 "pid": os.getpid(), "node": ctx.get_node_id(),
                 "transfer_backend": self.engine.transfer_backend, "weight_dtype": self.engine.weight_dtype}
 
-    def run(self, task: Task, snapshot: MemoryBank | None = None) -> GlobalResult | LocalResult | MemoryScore:
+    def run(self, task: Task, snapshot: MemoryBank | None = None) -> GlobalResult | LocalResult | EvalResult:
         """Run one task; a local task gets its anchor's snapshot (resolved by Ray from the keeper)."""
         self.pull_latest_policy()
         if isinstance(task, GlobalTask):
@@ -73,7 +72,7 @@ class RolloutWorker:
                 raise ValueError(f"local task {task.task_id} needs its anchor's snapshot")
             result = self.collector.run_local(task.conv, task.session, snapshot, task.anchor, task.m, task.task_id)
         elif isinstance(task, EvalTask):
-            return self.collector.evaluate(task.conv, task.horizon, task.seed_key)
+            result = self.collector.evaluate(task.conv, task.horizon, task.seed_key)
         else:
             raise TypeError(f"not a rollout task: {task!r}")
         self.series.inc("worker_generated_tokens", result.stats.generated_tokens)
