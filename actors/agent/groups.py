@@ -77,13 +77,13 @@ class LaneStats:
             self.prompt_overflows += lane.prompt_overflows
 
 
-
 @dataclass(slots=True, frozen=True)
 class EvalResult:
     """A validation / `memr2 eval` rollout: its terminal memory's score and what generating it took."""
 
     score: MemoryScore
     stats: LaneStats
+
 
 @dataclass(slots=True)
 class GlobalResult:
