@@ -153,6 +153,17 @@ class LearnerConfig(Section):
     ppo_epochs: int = Field(1, ge=1)  # the paper: 2
     mini_batch: int = Field(16, ge=1)
     micro_batch: int = Field(4, ge=1)
+    # Cut each rank's share of a mini-batch into micro-batches of at most this many padded tokens
+    # (rows x longest prompt + longest response) instead of micro_batch rows: at 7B the
+    # activations of a token budget, not a row count, decide what fits (`memr2 plan`). None: rows.
+    max_tokens_per_micro_batch: int | None = Field(None, ge=64)
+    # Recompute each decoder layer in the backward pass instead of keeping its activations:
+    # ~20x less activation memory per token for ~1.3x the compute. auto: on with CUDA, off on CPU.
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    # The frozen reference policy of the KL term. sharded: ZeRO-3 over the learner ranks (1/N of
+    # a copy each; a full copy per rank is 15 GB at 7B); offload: sharded, parameters in host
+    # memory; replicated: a full copy on every rank (fastest; fine for small models).
+    reference: Literal["sharded", "offload", "replicated"] = "sharded"
     grad_clip: float = Field(1.0, gt=0)
     # collective: learner rank 0 and every engine form one process group and the weights go
     # through vLLM's weight-transfer engines (NCCL on GPU, gloo on CPU); object_store: through
@@ -163,7 +174,7 @@ class LearnerConfig(Section):
     # 1 GiB on GPU (vLLM's own default).
     weight_bucket_mb: int | None = Field(None, ge=1)
 
-    @field_validator("bf16", mode="before")
+    @field_validator("bf16", "gradient_checkpointing", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
         # YAML reads a bare on/off (`learner.bf16=on`, `bf16: off`) as a boolean.
@@ -226,8 +237,12 @@ class ClusterConfig(Section):
     max_task_attempts: int = Field(3, ge=1)  # a task that loses this many workers stops the job
     log_to_driver: bool = False  # actors' stdout (vLLM's logs) in the driver's terminal
     # How long the job waits for the cluster to hold all its actors before it stops with an error
-    # naming what it asked for (an autoscaler may add nodes meanwhile); None waits forever.
+    # naming what it asked for (an autoscaler may add nodes meanwhile); None waits forever. For a
+    # rollout worker: from its request until its process runs on a node, not until its engine is up.
     placement_timeout_s: float | None = Field(300.0, gt=0)
+    # A placed rollout worker's engine start (download, load, CUDA graphs) until it is ready; one
+    # that takes longer is dropped and replaced as a failed start (None: no limit).
+    worker_start_timeout_s: float | None = Field(900.0, gt=0)
 
 
 class JudgeConfig(Section):

@@ -5,7 +5,7 @@ the schema cannot say (../shared/schemas/README.md), and what the fleet needs of
 import copy
 import re
 import shlex
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = yaml.safe_load((ROOT / "deploy/kuberay/raycluster.yaml").read_text())
 JOB = yaml.safe_load((ROOT / "deploy/kuberay/rayjob.yaml").read_text())
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+CLAIM = yaml.safe_load((ROOT / "deploy/kuberay/pvc.yaml").read_text())["metadata"]["name"]
+USERS_GID = 100  # the ray image runs as ray: uid 1000, group users (deploy/Dockerfile)
+POLICY_7B_BYTES = 15.3e9  # Qwen2.5-7B in bf16: one policy version in the object store
 
 
 def strict_schema(crd_file: str) -> dict:
@@ -116,3 +119,59 @@ def test_the_job_runs_the_papers_training_and_a_retry_continues_it():
     assert cfg.learner.num_ranks * cfg.learner.resources["learner"] <= float(groups["learner"]["resources"]["learner"])
     lo, hi = cfg.cluster.autoscale_min_actors, cfg.cluster.autoscale_max_actors
     assert groups["rollout"]["minReplicas"] <= lo <= hi <= groups["rollout"]["maxReplicas"]
+
+
+def pod_templates(spec: dict) -> dict[str, dict]:
+    """Every pod that runs Ray (the head's too: the keeper and the policy store are actors)."""
+    return {"head": spec["headGroupSpec"]["template"]["spec"], **{g["groupName"]: g["template"]["spec"] for g in spec["workerGroupSpecs"]}}
+
+
+def mounts(pod: dict) -> dict[str, dict]:
+    """mountPath -> the volume mounted there, over the pod's containers."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    return {m["mountPath"]: volumes[m["name"]] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+
+
+def quantity_bytes(q: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)([KMGT]i?)?", str(q)).groups()
+    return float(number) * ({"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[unit] if unit else 1)
+
+
+def pod_problems(pod: dict, holds_policy: bool = True) -> list[str]:
+    """The claim at /mnt/memr2, writable by the image's group; /dev/shm a memory volume that leaves
+    most of the pod's memory and, on the learner and rollout pods (not the head, whose store holds
+    only memory snapshots), holds a 7B policy in Ray's object store (95% of /dev/shm)."""
+    errs, at = [], mounts(pod)
+    if (at.get("/mnt/memr2") or {}).get("persistentVolumeClaim", {}).get("claimName") != CLAIM:
+        errs.append(f"the {CLAIM} claim is not mounted at /mnt/memr2")
+    if (pod.get("securityContext") or {}).get("fsGroup") != USERS_GID:
+        errs.append(f"no fsGroup {USERS_GID}: the claim is not writable by the image's user")
+    shm = (at.get("/dev/shm") or {}).get("emptyDir") or {}
+    memory = quantity_bytes(pod["containers"][0]["resources"]["limits"]["memory"])
+    if shm.get("medium") != "Memory" or "sizeLimit" not in shm:
+        errs.append("/dev/shm is not a sized memory volume: Ray's object store falls back to /tmp")
+    elif (holds_policy and 0.95 * quantity_bytes(shm["sizeLimit"]) < POLICY_7B_BYTES) or quantity_bytes(shm["sizeLimit"]) > memory / 2:
+        errs.append(f"/dev/shm of {shm['sizeLimit']}: not a 7B policy, or over half the pod's memory")
+    return errs
+
+
+@pytest.mark.parametrize("doc", [CLUSTER, JOB], ids=["RayCluster", "RayJob"])
+def test_every_ray_pod_mounts_the_claim_writable_and_a_dev_shm_for_the_object_store(doc):
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    problems = {name: pod_problems(pod, holds_policy=name != "head") for name, pod in pod_templates(spec).items()}
+    assert problems == {"head": [], "rollout": [], "learner": []}
+
+
+def test_the_pod_check_catches_a_rollout_pod_without_the_claim_or_a_sized_dev_shm():
+    rollout = copy.deepcopy(pod_templates(CLUSTER["spec"])["rollout"])
+    rollout.pop("securityContext")
+    rollout["containers"][0]["volumeMounts"] = [m for m in rollout["containers"][0]["volumeMounts"] if m["mountPath"] != "/mnt/memr2"]
+    next(v for v in rollout["volumes"] if v["name"] == "dshm")["emptyDir"].pop("sizeLimit")
+    assert len(pod_problems(rollout)) == 3
+
+
+def test_the_hub_cache_is_on_the_claim_every_pod_mounts():
+    hf_home = PurePosixPath(yaml.safe_load(JOB["spec"]["runtimeEnvYAML"])["env_vars"]["HF_HOME"])
+    for name, pod in pod_templates(JOB["spec"]["rayClusterSpec"]).items():
+        under = [v for path, v in mounts(pod).items() if hf_home.is_relative_to(path)]
+        assert under and under[-1].get("persistentVolumeClaim", {}).get("claimName") == CLAIM, name

@@ -7,6 +7,8 @@ keeper. Every result enters the step's ledger exactly once, keyed by task id.
     a worker dies (actor killed, kill -9, node removed)  its tasks' refs raise: it is dropped,
                                                           its tasks are queued again at the front
     a worker hangs (no result for cluster.task_timeout_s) the same, and it is killed
+    a worker fails to start (or is not live               dropped and replaced; cluster.max_task_attempts
+      cluster.worker_start_timeout_s after placement)     failed starts in a row stop the job
     a dropped worker's late result                        accepted if first, else counted and dropped
     fewer workers than the target                         new ones start; they pull the current
                                                           policy before their first task
@@ -30,6 +32,7 @@ from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTa
 
 from actors.agent.groups import EvalResult
 from actors.fleet.batch import RolloutBatch
+from actors.fleet.budgets import StartBudget
 from actors.fleet.metrics import fleet_series
 from actors.fleet.policy_store import PolicyStore, on_this_node
 from actors.fleet.scaling import CapacityRequest, ScalingPolicy
@@ -48,6 +51,10 @@ class RolloutError(RuntimeError):
     """A task that cannot be completed: it failed in the worker's code, or lost too many workers."""
 
 
+class WorkerStartError(RolloutError, ValueError):
+    """No rollout worker starts: a ValueError too, so the CLI ends with its one line, as with bad input."""
+
+
 def worker_resources(cfg: Config) -> dict[str, float]:
     r = cfg.rollout
     return {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor, **r.resources}
@@ -62,8 +69,10 @@ class Work(NamedTuple):
 class Slot:
     worker_id: str
     handle: ray.actor.ActorHandle
-    started_at: float
-    ready: ray.ObjectRef | None  # its info() while starting; None once live
+    requested_at: float  # the placement budget's clock
+    placed: ray.ObjectRef | None  # its node() until the actor runs on a node; then None
+    ready: ray.ObjectRef | None  # its start() (the engine) until it is live; then None
+    placed_at: float | None = None  # the start budget's clock
     info: dict | None = None
     running: dict[ray.ObjectRef, Work] = field(default_factory=dict)
     progress_at: float = 0.0  # a dispatch onto it while idle, or its last result: the hang clock
@@ -109,6 +118,7 @@ class RolloutFleet:
         self.keeper = SnapshotKeeper.options(scheduling_strategy=here).remote()
         self.policy_store = PolicyStore.options(scheduling_strategy=here).remote()
         self.policy = ScalingPolicy.from_config(cfg)
+        self.budget = StartBudget.from_config(cfg.cluster)
         self.capacity = CapacityRequest(worker_resources(cfg), list(other_bundles))
         self.series = fleet_series(run, cfg.metrics.prometheus)
         self._worker_cls = ray.remote(RolloutWorker).options(**self._worker_options())
@@ -223,7 +233,7 @@ class RolloutFleet:
         self._dispatch(rnd.queue)
         self._publish_gauges(len(rnd.queue) + len(rnd.gated), running)
         watched = [*rnd.gated, *self._orphans, *(r for s in self.slots.values() for r in s.running),
-                   *(s.ready for s in self.slots.values() if s.ready is not None)]
+                   *(s.ready if s.placed is None else s.placed for s in self.slots.values() if s.ready is not None)]
         ready, _ = ray.wait(watched, num_returns=1, timeout=POLL_S) if watched else ([], [])
         for ref in ready:
             if ref in rnd.gated:
@@ -232,7 +242,7 @@ class RolloutFleet:
             else:
                 self._settle(ref, rnd)
         self._drop_hung(rnd)
-        self._check_placement()
+        self._check_starts(rnd)
 
     def _dispatch(self, queue: deque[Work]) -> None:
         now = time.monotonic()
@@ -255,9 +265,9 @@ class RolloutFleet:
                 return
             self._accept(rnd, work.task.task_id, value, worker_id)
             return
-        slot = next(s for s in self.slots.values() if ref == s.ready or ref in s.running)
-        if ref == slot.ready:
-            self._started(slot, ref, rnd)
+        slot = next(s for s in self.slots.values() if ref in (s.placed, s.ready) or ref in s.running)
+        if ref in (slot.placed, slot.ready):
+            self._starting(slot, ref, rnd)
             return
         work = slot.running.pop(ref)
         try:
@@ -277,16 +287,24 @@ class RolloutFleet:
         if not rnd.accept(task_id, value, worker_id):
             self._count("duplicate_results")
 
-    def _started(self, slot: Slot, ref: ray.ObjectRef, rnd: _Round) -> None:
+    def _starting(self, slot: Slot, ref: ray.ObjectRef, rnd: _Round) -> None:
+        """node() returned: placed, the start budget begins. start() returned: live."""
         try:
-            slot.info = ray.get(ref)
+            value = ray.get(ref)
         except (*WORKER_LOST, RayTaskError) as err:
-            self._start_failures += 1
-            self._drop(slot, rnd, f"failed to start: {one_line(err)}")
-            if self._start_failures >= self.cfg.cluster.max_task_attempts:
-                raise RolloutError(f"rollout workers fail to start ({self._start_failures} in a row): {one_line(err)}") from None
+            self._start_failed(slot, rnd, one_line(err))
             return
-        slot.ready, slot.progress_at, self._start_failures = None, time.monotonic(), 0
+        if ref == slot.placed:
+            slot.placed, slot.placed_at = None, time.monotonic()
+        else:
+            slot.info, slot.ready, slot.progress_at, self._start_failures = value, None, time.monotonic(), 0
+
+    def _start_failed(self, slot: Slot, rnd: _Round, why: str) -> None:
+        """Dropped and replaced like a worker that died; so many in a row mean none can start."""
+        self._start_failures += 1
+        self._drop(slot, rnd, f"failed to start: {why}")
+        if self._start_failures >= self.cfg.cluster.max_task_attempts:
+            raise WorkerStartError(f"rollout workers fail to start ({self._start_failures} in a row): {why}")
 
     def _drop(self, slot: Slot, rnd: _Round, reason: str) -> None:
         """A worker is lost: count it, queue its tasks again (first in line), kill what is left of it."""
@@ -319,8 +337,8 @@ class RolloutFleet:
         active = [s for s in self.slots.values() if not s.draining]
         for _ in range(self.target - len(active)):
             self._start_worker()
-        # Retire the surplus: workers still starting, then idle ones, then busy ones by draining.
-        surplus = sorted(active, key=lambda s: (s.ready is None, len(s.running)))[: max(0, len(active) - self.target)]
+        # Retire the surplus: workers not placed, then starting, then idle, then busy ones by draining.
+        surplus = sorted(active, key=lambda s: (s.ready is None, s.placed is None, len(s.running)))[: max(0, len(active) - self.target)]
         for slot in surplus:
             if slot.running:
                 slot.draining = True  # finishes its tasks first, gets no new ones
@@ -330,31 +348,32 @@ class RolloutFleet:
     def _start_worker(self) -> None:
         wid = f"w{next(self._ids)}"
         handle = self._worker_cls.remote(self.cfg, wid, self.run_name, self.keeper, self.policy_store)
-        self.slots[wid] = Slot(wid, handle, time.monotonic(), handle.info.remote())
+        # node() returns once the actor's process runs (placed); start() then builds the engine.
+        self.slots[wid] = Slot(wid, handle, time.monotonic(), handle.node.remote(), handle.start.remote())
 
     def _retire(self, slot: Slot) -> None:
         self.slots.pop(slot.worker_id, None)
         self._kill(slot)
 
     def _await_live(self, n: int) -> None:
-        """Start-up: wait for n workers, or, after cluster.placement_timeout_s, go on with those
-        that are live (the rest stay pending: demand for the autoscaler)."""
-        rnd, timeout = _Round(), self.cfg.cluster.placement_timeout_s
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while len(self.live()) < n and not (self.live() and deadline is not None and time.monotonic() > deadline):
+        """Start-up: wait for n workers, or go on with those live once the rest are unplaced past
+        cluster.placement_timeout_s (they stay pending: demand for the autoscaler)."""
+        rnd = _Round()
+        while len(self.live()) < n and not (self.live() and not self.budget.awaited(self.slots.values(), time.monotonic())):
             self._tick(rnd)
 
-    def _check_placement(self) -> None:
-        """No worker live and none placed within cluster.placement_timeout_s: stop with one line."""
-        timeout = self.cfg.cluster.placement_timeout_s
-        if timeout is None or self.live() or not self.slots:
+    def _check_starts(self, rnd: _Round) -> None:
+        """The start budgets: an engine not ready in time is a failed start; no worker live or
+        placed within cluster.placement_timeout_s stops the job with one line."""
+        now = time.monotonic()
+        for slot in [s for s in self.slots.values() if self.budget.starting_too_long(s, now)]:
+            self._start_failed(slot, rnd, f"engine not ready {self.budget.start_s:g} s after placement (cluster.worker_start_timeout_s)")
+        if not self.budget.none_placeable(self.slots.values(), now):
             return
-        oldest = min(s.started_at for s in self.slots.values())
-        if time.monotonic() - oldest > timeout:
-            have = ray.cluster_resources()
-            need = ", ".join(f"{v:g} {k}" for k, v in worker_resources(self.cfg).items() if v > 0)
-            raise ValueError(f"no rollout worker ({need}) could be placed within {timeout:g} s "
-                             f"(the cluster has {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU): add nodes or lower rollout.*_per_actor")
+        have = ray.cluster_resources()
+        need = ", ".join(f"{v:g} {k}" for k, v in worker_resources(self.cfg).items() if v > 0)
+        raise ValueError(f"no rollout worker ({need}) could be placed within {self.budget.placement_s:g} s (cluster.placement_timeout_s; "
+                         f"the cluster has {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU): add nodes or lower rollout.*_per_actor")
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -8,6 +8,10 @@ to the step's snapshot keeper as soon as they exist, and its results go back to 
 the task. So the fleet may drop it at any moment and re-run its tasks elsewhere. It pulls the
 latest policy from the policy store when it starts and before every task, so a replacement or an
 autoscaled worker never generates with a stale policy unawares.
+
+Its start is two calls, so that the fleet can time them apart (actors.fleet.budgets): `node()`
+returns as soon as the actor's process runs on a node (placed), `start()` builds the engine
+(download, load, CUDA graphs: minutes on a 7B model) and returns `info()`.
 """
 
 from __future__ import annotations
@@ -37,8 +41,16 @@ class RolloutWorker:
     def __init__(self, cfg: Config, worker_id: str, run: str, keeper: ray.actor.ActorHandle, policy_store: ray.actor.ActorHandle) -> None:
         # Ray sets OMP_NUM_THREADS=1 in actors; give torch the CPUs this actor reserved.
         torch.set_num_threads(max(1, int(cfg.rollout.cpus_per_actor)))
-        self.cfg, self.worker_id = cfg, worker_id
+        self.cfg, self.worker_id, self.run_name = cfg, worker_id, run
         self.keeper, self.policy_store = keeper, policy_store
+
+    def node(self) -> str:
+        """Returns at once: the actor is placed (its engine has not started yet)."""
+        return ray.get_runtime_context().get_node_id()
+
+    def start(self) -> dict:
+        """Build the engine and everything that generates through it; pull the current policy."""
+        cfg = self.cfg
         self.engine = make_engine(
             resolve_model(cfg.model.name),
             cfg.rollout.engine,
@@ -51,8 +63,9 @@ class RolloutWorker:
         self.scheduler = Scheduler(self.engine, threads=max(1, int(cfg.rollout.cpus_per_actor)))
         runner = EpisodeRunner(self.engine, cfg, self.scheduler)
         self.collector = GroupCollector(runner, make_answer_agent(cfg.reward.answer_agent), cfg)
-        self.series = worker_series(run, worker_id, cfg.metrics.prometheus)
+        self.series = worker_series(self.run_name, self.worker_id, cfg.metrics.prometheus)
         self.pull_latest_policy()
+        return self.info()
 
     def info(self) -> dict:
         ctx = ray.get_runtime_context()
