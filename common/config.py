@@ -92,6 +92,9 @@ class RolloutConfig(Section):
     # beyond 128 a reply is rambling, and in lockstep every lane waits for the longest one.
     max_new_tokens: int = Field(128, ge=8)
     eval_temperature: float = Field(0.0, ge=0)
+    # vLLM on GPU: the share of the GPU an engine takes (weights, activations, KV cache); `memr2
+    # plan` shows what it leaves for the KV cache. Not read on CPU.
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
 
 
 class AnswerAgentConfig(Section):
@@ -156,7 +159,7 @@ class LearnerConfig(Section):
     # Cut each rank's share of a mini-batch into micro-batches of at most this many padded tokens
     # (rows x longest prompt + longest response) instead of micro_batch rows: at 7B the
     # activations of a token budget, not a row count, decide what fits (`memr2 plan`). None: rows.
-    max_tokens_per_micro_batch: int | None = Field(None, ge=64)
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
     # Recompute each decoder layer in the backward pass instead of keeping its activations:
     # ~20x less activation memory per token for ~1.3x the compute. auto: on with CUDA, off on CPU.
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"

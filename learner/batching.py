@@ -84,3 +84,22 @@ def _split(items: list[int], parts: int) -> list[list[int]]:
         out.append(items[start:end])
         start = end
     return out
+
+
+def split_by_tokens(rows: Rows, idx: list[int], budget: int) -> list[list[int]]:
+    """Micro-batches of at most `budget` padded tokens each (rows x (longest prompt + longest
+    response), the shape `learner.logprobs.pack` builds). Longest rows first, so rows of a length
+    share a micro-batch and little is padding; the pooled loss does not depend on the grouping. A
+    row longer than the budget alone goes alone (`memr2 plan` sizes the budget to the longest)."""
+    order = sorted(idx, key=lambda i: (len(rows.prompts[i]) + len(rows.responses[i]), i), reverse=True)
+    out: list[list[int]] = []
+    prompt = response = 0
+    for i in order:
+        p, r = max(prompt, len(rows.prompts[i])), max(response, len(rows.responses[i]))
+        if out and (len(out[-1]) + 1) * (p + r) <= budget:
+            out[-1].append(i)
+            prompt, response = p, r
+        else:
+            out.append([i])
+            prompt, response = len(rows.prompts[i]), len(rows.responses[i])
+    return out

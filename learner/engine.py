@@ -71,6 +71,10 @@ def resolve_bf16(setting: str) -> bool:
     return _cpu_has_native_bf16()
 
 
+def resolve_on_off(setting: str, auto: bool) -> bool:
+    return auto if setting == "auto" else setting == "on"
+
+
 def _cpu_has_native_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -126,8 +130,13 @@ def build_engine(model_dir: str, cfg: LearnerConfig, world_size: int, bf16: bool
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     freeze_lower_layers(model, cfg.frozen_layers)
+    if resolve_on_off(cfg.gradient_checkpointing, torch.cuda.is_available()):
+        # Non-reentrant: works with frozen lower layers (inputs that need no grad) and ZeRO hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel over all tensors, without the parameter-sized temporaries of the foreach
+    # implementation (measured on CPU: the optimizer step's peak fell by ~3 B/param).
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
     engine, *_ = deepspeed.initialize(  # DeepSpeed steps the scheduler at each optimizer step
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, world_size, bf16),
@@ -151,14 +160,30 @@ def freeze_lower_layers(model: torch.nn.Module, n: int) -> None:
         layer.requires_grad_(False)
 
 
-def build_reference(model_dir: str, device: torch.device, bf16: bool) -> torch.nn.Module:
-    """The frozen reference policy for the KL term (unsharded: at 7B in bf16 it fits one GPU)."""
+def build_reference(model_dir: str, cfg: LearnerConfig, world_size: int, device: torch.device, bf16: bool) -> torch.nn.Module:
+    """The frozen reference policy of the KL term, placed as `learner.reference` says.
+
+    sharded / offload with several ranks: a ZeRO-3 inference engine, each rank holding 1/N of the
+    weights (offload: in host memory) and gathering one layer at a time in the forward, so every
+    rank must run the same number of reference forwards (LearnerRank pairs them with its
+    backward passes, dummy ones included). One rank, or replicated: a plain full copy."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     ref.eval().requires_grad_(False)
-    return ref
+    if cfg.reference == "replicated" or world_size == 1:
+        return ref.to(device)
+    import deepspeed
+
+    zero = {"stage": 3}
+    if cfg.reference == "offload":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "bf16": {"enabled": bf16},
+              "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=ref, config=config, dist_init_required=False)
+    engine.eval()
+    return engine  # called like the module; its forward runs ZeRO-3's gather-and-release per layer
 
 
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 
 from common.config import AlgoConfig, LearnerConfig
 from learner import engine as eng
-from learner.batching import Rows, plan_epoch
+from learner.batching import Rows, plan_epoch, split_by_tokens
 from learner.logo_grpo import logo_grpo_loss, pool_weights
 from learner.sft import sft_loss
 from learner.logprobs import pack, packed_logprobs, response_logprobs
@@ -69,7 +69,7 @@ class LearnerRank:
         self.engine = eng.build_engine(model_dir, self.cfg, self.world, self.bf16)
         self.ref = None
         if self.algo.kl_beta > 0:
-            self.ref = eng.build_reference(model_dir, self.engine.device, self.bf16)
+            self.ref = eng.build_reference(model_dir, self.cfg, self.world, self.engine.device, self.bf16)
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ training
@@ -104,11 +104,19 @@ class LearnerRank:
         return metrics
 
     def _mini_batch(self, rows: Rows, micro_idx: list[list[int]], sums: dict[str, float]) -> None:
-        """One optimizer step: `accum` backward passes, then engine.step()."""
+        """One optimizer step: `accum` backward passes (or as many as the token budget cuts the
+        longest rank's rows into), then the update."""
         flat = [i for micro in micro_idx for i in micro]
         n_local = sum(rows.is_local[i] for i in flat)
         counts = self._all_reduce([float(len(flat) - n_local), float(n_local)])
-        for idx in micro_idx:
+        budget = self.cfg.max_tokens_per_micro_batch
+        if budget is not None:  # as many passes on every rank: the longest split sets the count
+            micro_idx = split_by_tokens(rows, flat, budget)
+            passes = int(self._all_reduce([float(len(micro_idx))], op="max")[0])
+            micro_idx += [[] for _ in range(passes - len(micro_idx))]
+        for k, idx in enumerate(micro_idx):
+            # The boundary is set by hand: under a token budget the number of passes varies.
+            self.engine.set_gradient_accumulation_boundary(k == len(micro_idx) - 1)
             if idx:
                 self._micro_batch(rows.select(idx), (int(counts[0]), int(counts[1])), sums)
             else:
@@ -146,13 +154,16 @@ class LearnerRank:
         """Zero gradient through the whole model, so an empty micro-batch still joins the reduction."""
         packed = pack([[0]], [[0]]).to(self.engine.device)
         logprobs, _ = packed_logprobs(self.engine, packed)
+        if self.ref is not None and hasattr(self.ref, "zero_optimization_stage"):
+            with torch.no_grad():  # a sharded reference gathers in its forward: every rank joins
+                packed_logprobs(self.ref, packed)
         self.engine.backward(logprobs.sum() * 0.0, scale_wrt_gas=False)
 
-    def _all_reduce(self, values: list[float]) -> list[float]:
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         import deepspeed.comm as dist
 
         t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.tolist()
 
     # ------------------------------------------------------------------ weights and checkpoints

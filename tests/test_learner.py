@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from common.config import AlgoConfig, LearnerConfig
 from common.types import StepSample, samples_to_table
-from learner.batching import plan_epoch, split_round_robin
+from learner.batching import Rows, plan_epoch, split_by_tokens, split_round_robin
 from learner.deepspeed_learner import Learner
 from learner.logprobs import response_logprobs
 
@@ -42,9 +42,10 @@ def model_dir(tmp_path_factory):
 
 
 def config(**kw):
-    # fp32 and every layer: the exactness checks below cannot absorb bf16's rounding
+    # fp32 and every layer: the exactness checks below cannot absorb bf16's rounding. Gradient
+    # checkpointing on: the exactness checks (resume, frozen layers) must hold with it.
     base = dict(num_ranks=1, zero_stage=2, lr=5e-4, mini_batch=4, micro_batch=2, ppo_epochs=2, cpus_per_rank=CPUS,
-                bf16="off", frozen_layers=0)
+                bf16="off", frozen_layers=0, gradient_checkpointing="on")
     return LearnerConfig(**(base | kw))
 
 
@@ -112,6 +113,17 @@ def test_batched_logprobs_equal_unpadded_forwards(model_dir):
             want = rows.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
             assert torch.allclose(lp[b, : len(r)], want, atol=1e-5)
             assert torch.allclose(ent[b, : len(r)], -(rows.exp() * rows).sum(-1), atol=1e-4)
+
+
+def test_a_token_budget_cuts_micro_batches_by_padded_tokens():
+    rows = Rows([[1] * n for n in (10, 3, 30, 4, 8)], [[2] * n for n in (5, 5, 50, 1, 2)],
+                [[0.0] * n for n in (5, 5, 50, 1, 2)], [0.0] * 5, [False] * 5)
+    micro = split_by_tokens(rows, [0, 1, 2, 3, 4], budget=32)
+    assert sorted(i for m in micro for i in m) == [0, 1, 2, 3, 4]
+    assert micro[0] == [2]  # 80 tokens: over the budget, alone
+    for m in micro[1:]:  # rows x (longest prompt + longest response), as pack() pads them
+        assert len(m) * (max(len(rows.prompts[i]) for i in m) + max(len(rows.responses[i]) for i in m)) <= 32
+    assert micro[1:] == [[0, 4], [1, 3]]  # 2 x 15 and 2 x 8: longest rows first
 
 
 def test_every_rank_plans_the_same_number_of_steps_and_backwards():
@@ -226,14 +238,20 @@ def test_going_back_to_a_checkpoint_publishes_a_new_version(learner, tmp_path):
     assert all(torch.equal(learner.state_dict()[k], v) for k, v in best.items())
 
 
-def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir):
+@pytest.mark.parametrize("budget", [None, 32])
+def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir, budget):
     """One mini-batch split over 2 ZeRO-2 ranks gives the same update as one ZeRO-3 rank.
 
     The ranks' shards mix global and local rows in different proportions, so with a local weight
     only pooling over the whole mini-batch (counts all-reduced) can match; 6 micro-batch slots
-    for 4 rows per rank also run the zero-weight dummy backward."""
+    for 4 rows per rank also run the zero-weight dummy backward. The two ranks recompute their
+    activations (gradient checkpointing) and share a ZeRO-3-sharded reference; with a budget of
+    32 tokens their rows are cut by tokens instead of by count (15-19 tokens a row: two short
+    rows share a pass, a longer one goes alone, so the ranks cut their shards into different
+    numbers of passes and the shorter pads with dummies), and the one rank keeps everything."""
     algo = AlgoConfig(local_weight=0.3)
-    cfg2 = config(num_ranks=2, zero_stage=2, mini_batch=12, micro_batch=1, ppo_epochs=1)
+    cfg2 = config(num_ranks=2, zero_stage=2, mini_batch=12, micro_batch=1, ppo_epochs=1, reference="sharded",
+                  max_tokens_per_micro_batch=budget)
     with Learner(model_dir, algo, cfg2) as two:
         tables, _ = make_groups(two, seed=7)
         m2 = two.train(tables)
@@ -242,7 +260,7 @@ def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir):
     assert_finite(m2)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
-    cfg1 = config(num_ranks=1, zero_stage=3, mini_batch=8, micro_batch=4, ppo_epochs=1)
+    cfg1 = config(num_ranks=1, zero_stage=3, mini_batch=8, micro_batch=4, ppo_epochs=1, gradient_checkpointing="off")
     with Learner(model_dir, algo, cfg1) as one:
         m1 = one.train(tables)
         one_state = one.state_dict()

@@ -57,6 +57,7 @@ class RolloutWorker:
             seed=cfg.seed,  # every request carries its own seed; this one only covers unseeded ones
             max_model_len=cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens,
             dtype=cfg.model.dtype,
+            **({"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization} if cfg.rollout.engine == "vllm" else {}),
         )
         # Every task this worker holds (rollout.tasks_per_worker, each on its own actor thread)
         # generates through one scheduler: one continuous batch on the engine.
