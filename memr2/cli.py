@@ -6,6 +6,7 @@ Expected failures (bad config, bad data, bad input rows) end as one line on stde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -94,11 +95,32 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return _print(run_rollouts(cfg), args.json, width=22)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    if args.validate:
+        from learner.plan.validate import run_validation
+
+        result = run_validation()
+        if not args.json:
+            for c in result["cases"]:
+                print(f"{c['model']:>8} {c['micro_batch_tokens']:>6} tokens  checkpointing {str(c['gradient_checkpointing']):>5}  "
+                      f"planned {c['planned_gb']:.3f} GB  measured {c['measured_gb']:.3f} GB  ratio {c['ratio']:.2f}")
+            return 0
+        print(json.dumps(result))
+        return 0
+    from common.config import load_config
+    from learner.plan.report import make_plan, render
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import logs to stdout; --json owns it
+        plan = make_plan(load_config(args.config, args.overrides), args.gpu_memory_gb, args.model_config)
+    print(json.dumps(plan) if args.json else render(plan))
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from common.config import load_config
     from learner.train import run
 
-    summary = run(load_config(args.config, args.overrides), resume=args.resume)
+    summary = run(load_config(args.config, args.overrides), resume=args.resume, gpu_memory_gb=args.gpu_memory_gb)
     print(json.dumps(summary))
     return 0
 
@@ -204,7 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const="always", default="never", choices=["always", "auto"],
                        help="continue the run named by metrics.run_name from its last step; "
                             "'--resume auto' resumes if it has a checkpoint and starts fresh otherwise (retried jobs)")
+    train.add_argument("--gpu-memory-gb", type=float, help="plan against GPUs of this size (default: the driver's own GPU; "
+                                                           "none: no memory check)")
     train.set_defaults(fn=_cmd_train)
+
+    plan = sub.add_parser("plan", help="what a config needs before anything starts: GPUs per role, memory per GPU by "
+                                       "component, checkpoint disk, weight-sync bytes")
+    _add_config_args(plan)
+    plan.add_argument("--gpu-memory-gb", type=float, help="GPU size to plan against (default: this machine's GPU, if any)")
+    plan.add_argument("--model-config", help="the model's config.json, for a hub id with no local copy")
+    plan.add_argument("--validate", action="store_true", help="check the learner figures against a real learner step "
+                                                              "measured on CPU (SmolLM2 and the tiny model)")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(fn=_cmd_plan)
 
     ev = sub.add_parser("eval", help="evaluate a policy on LoCoMo: memory built on the rollout fleet, then official F1, "
                                      "BLEU-1, LLM-judge J and M-Fail per category")

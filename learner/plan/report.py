@@ -1,0 +1,172 @@
+"""`memr2 plan`: what a config needs, before anything starts (GB = 10^9 bytes).
+
+    plan = make_plan(cfg, gpu_memory_gb=80)   # GPUs per role, bytes per GPU by component, disk
+    check_plan(plan)                          # ValueError naming the component that does not fit
+
+`memr2 train` runs both first. The learner and engine figures come from learner.plan.memory;
+checkpoints and weight syncs are counted here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from actors.fleet.scaling import autoscale_bounds
+from common.config import Config
+from learner.engine import resolve_on_off
+from learner.plan import memory as mem
+from learner.plan.shape import ModelShape, load_shape
+from learner.run_outputs import checkpoint_disk_peak_files
+
+GB = mem.GB
+
+
+def make_plan(cfg: Config, gpu_memory_gb: float | None = None, model_config: str | None = None) -> dict:
+    shape = load_shape(cfg.model.name, model_config)
+    if gpu_memory_gb is None and torch.cuda.is_available():
+        gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / GB
+    learner = _learner_role(cfg, shape, gpu_memory_gb)
+    rollout = _rollout_role(cfg, shape, gpu_memory_gb)
+    checkpoint, disk = _disk(cfg, shape, learner["bf16"])
+    plan = {
+        "model": {"name": shape.name, "params": shape.params,
+                  "trainable_params": shape.trainable_params(cfg.learner.frozen_layers)},
+        "gpu_memory_gb": gpu_memory_gb,
+        "gpus_total": learner["gpus"] + rollout["gpus"],
+        "gpus_total_max": learner["gpus"] + rollout["gpus_max"],
+        "roles": {"learner": learner, "rollout": rollout, "external": _external(cfg)},
+        "checkpoint_gb": checkpoint / GB,
+        "checkpoint_disk_peak_gb": disk / GB,
+        "weight_sync_gb": (4 if cfg.model.dtype == "float32" else 2) * shape.params / GB,
+        "context_tokens": cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens,
+    }
+    plan["fits"] = None if gpu_memory_gb is None else not _problems(plan)
+    return plan
+
+
+def check_plan(plan: dict) -> None:
+    """Stop in one line when a GPU role does not fit, naming its largest component."""
+    problems = _problems(plan)
+    if problems:
+        raise ValueError(f"plan ({plan['model']['name']} on {plan['gpu_memory_gb']:g} GB GPUs): {problems[0]}")
+
+
+def _learner_role(cfg: Config, shape: ModelShape, gpu_gb: float | None) -> dict:
+    from learner.deepspeed_learner import rank_resources
+    from learner.engine import resolve_bf16
+
+    lc = cfg.learner
+    gpus = rank_resources(lc)["GPU"]
+    on_gpu = gpus > 0
+    bf16 = resolve_bf16(lc.bf16) if not on_gpu or lc.bf16 != "auto" else True
+    checkpointing = resolve_on_off(lc.gradient_checkpointing, on_gpu)
+    micros = mem.micro_batch_candidates(cfg, _shortest_prompt(cfg))
+    micro, _ = mem.largest_activations(shape, micros, checkpointing, bf16, lc.frozen_layers)
+    parts = mem.learner_components(cfg, shape, micro, bf16, checkpointing)
+    _, without = mem.largest_activations(shape, micros, not checkpointing, bf16, lc.frozen_layers)
+    peak = mem.learner_peak(parts)
+    if on_gpu:
+        parts |= mem.gpu_allowance(peak)
+        peak += parts["cuda_context_nccl"] + parts["fragmentation"]
+    return {
+        "gpus": int(round(lc.num_ranks * gpus)), "device": "gpu" if on_gpu else "cpu", "bf16": bf16,
+        "per_gpu_gb": peak / GB, "components": {k: v / GB for k, v in parts.items()},
+        "peak_rule": "every component but the smaller of gradients and activations (they do not coexist)",
+        "gradient_checkpointing": checkpointing,
+        f"activations_{'without' if checkpointing else 'with'}_checkpointing_gb": without / GB,
+        "micro_batch": {"rows": micro.rows, "tokens": micro.tokens, "response_tokens": micro.response_tokens},
+        "zero_stage": lc.zero_stage, "reference": lc.reference,
+        "placement": "one placement group, PACK: every rank on one node where they fit",
+        "fits_gpu_gb": gpu_gb,
+    }
+
+
+def _rollout_role(cfg: Config, shape: ModelShape, gpu_gb: float | None) -> dict:
+    lo, hi = autoscale_bounds(cfg)
+    per = cfg.rollout.gpus_per_actor
+    role = {"gpus": int(round(cfg.rollout.num_actors * per)), "gpus_min": int(round(lo * per)),
+            "gpus_max": int(round(hi * per)), "device": "gpu" if per > 0 else "cpu",
+            "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization}
+    if gpu_gb is None:  # the KV cache is what the engine's share leaves: unknown without a size
+        role |= {"per_gpu_gb": None, "components": {"weights": 2 * shape.params / GB}, "kv_cache_tokens": None}
+        return role
+    parts, tokens = mem.engine_components(cfg, shape, gpu_gb)
+    context = cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens
+    return role | {"per_gpu_gb": sum(parts.values()) / GB, "components": {k: v / GB for k, v in parts.items()},
+                   "kv_cache_tokens": tokens, "full_context_sequences": tokens // context}
+
+
+def _disk(cfg: Config, shape: ModelShape, bf16: bool) -> tuple[float, float]:
+    """Bytes of one step checkpoint (ZeRO: the module in its training dtype, fp32 master and
+    Adam moments of what trains) and the run folder's peak (learner.run_outputs counts them)."""
+    module = (2 if bf16 else 4) * shape.params
+    checkpoint = module + 12 * shape.trainable_params(cfg.learner.frozen_layers)
+    files = checkpoint_disk_peak_files(cfg)
+    return checkpoint, files["deepspeed_checkpoints"] * checkpoint + files["model_folders"] * module
+
+
+def _external(cfg: Config) -> list[dict]:
+    out = []
+    agent = cfg.reward.answer_agent
+    if agent.kind == "openai":
+        out.append({"role": "answer agent", "url": agent.url, "model": agent.model})
+    if cfg.eval.judge.url:
+        out.append({"role": "judge", "url": cfg.eval.judge.url, "model": cfg.eval.judge.model})
+    return out
+
+
+def _problems(plan: dict) -> list[str]:
+    gpu_gb = plan["gpu_memory_gb"]
+    if gpu_gb is None:
+        return []
+    out = []
+    learner = plan["roles"]["learner"]
+    if learner["device"] == "gpu" and learner["per_gpu_gb"] > gpu_gb:
+        name, size = max(learner["components"].items(), key=lambda kv: kv[1])
+        hint = {"activations": f" (learner.gradient_checkpointing={'on' if learner['gradient_checkpointing'] else 'off'}, "
+                               f"{learner['micro_batch']['tokens']} tokens a micro-batch)"}.get(name, "")
+        out.append(f"a learner rank needs {learner['per_gpu_gb']:.1f} GB; its largest part is {name}, {size:.1f} GB{hint}")
+    rollout = plan["roles"]["rollout"]
+    if rollout["device"] == "gpu" and rollout["kv_cache_tokens"] is not None and rollout["full_context_sequences"] < 1:
+        out.append(f"a rollout engine's KV cache holds {rollout['kv_cache_tokens']} tokens, less than one context of "
+                   f"{plan['context_tokens']} (weights {rollout['components']['weights']:.1f} GB; "
+                   f"rollout.gpu_memory_utilization={rollout['gpu_memory_utilization']})")
+    return out
+
+
+def _shortest_prompt(cfg: Config) -> int:
+    """Tokens of the shortest prompt the agent builds: the extractor's, with an empty chunk. With
+    the model's tokenizer where its folder is here, else at ~4 characters a token (English BPE)."""
+    from actors.agent.prompts import extractor_messages
+
+    from actors.engines.models import BUILDERS, resolve_model
+
+    system, user = extractor_messages(cfg.model.prompt_size, "", [])
+    folder = resolve_model(cfg.model.name) if cfg.model.name in BUILDERS else Path(cfg.model.name).expanduser()
+    if (folder / "tokenizer_config.json").is_file():
+        from actors.engines.models import ChatEngineBase
+
+        return len(ChatEngineBase(folder, cfg.model.max_prompt_tokens).chat_prompt(system, user))
+    return (len(system) + len(user)) // 4
+
+
+def render(plan: dict) -> str:
+    """The plan as a few lines for a terminal."""
+    g = plan["gpu_memory_gb"]
+    lines = [f"model {plan['model']['name']}: {plan['model']['params'] / 1e9:.2f}B params "
+             f"({plan['model']['trainable_params'] / 1e9:.2f}B trained); GPUs of {g:g} GB" if g else
+             f"model {plan['model']['name']}: {plan['model']['params'] / 1e9:.2f}B params; GPU size unknown (--gpu-memory-gb)"]
+    for role in ("learner", "rollout"):
+        r = plan["roles"][role]
+        per = "?" if r["per_gpu_gb"] is None else f"{r['per_gpu_gb']:.1f}"
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in r["components"].items())
+        lines.append(f"{role:>8}: {r['gpus']} GPU(s) on {r['device']}, {per} GB each = {parts}")
+    for ext in plan["roles"]["external"]:
+        lines.append(f"{'external':>8}: {ext['role']} {ext['model']} at {ext['url']}")
+    lines.append(f"GPUs in all: {plan['gpus_total']} at start, {plan['gpus_total_max']} at the fleet's largest")
+    lines.append(f"checkpoint {plan['checkpoint_gb']:.1f} GB, disk at peak {plan['checkpoint_disk_peak_gb']:.1f} GB; "
+                 f"weight sync {plan['weight_sync_gb']:.1f} GB")
+    lines.append({True: "fits", False: "does NOT fit: " + "; ".join(_problems(plan)), None: "fit unknown"}[plan["fits"]])
+    return "\n".join(lines)
