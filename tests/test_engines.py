@@ -3,6 +3,7 @@ logprobs and greedy outputs recomputed by the plain transformers model."""
 
 import subprocess
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,6 +75,31 @@ def _engine_actor(ray, model_dir, dtype):
             t = time.perf_counter()
             gens = self.engine.generate(prompts, spec)
             return gens, time.perf_counter() - t
+
+        def scheduled(self, prompts, spec, turns):
+            """Lanes on two task threads through one scheduler, each prompt extended by its reply
+            `turns` times: per lane, (prompt, reply ids) of every request."""
+            import threading
+            from dataclasses import replace
+
+            from actors.engines.base import Request
+            from actors.engines.scheduler import Scheduler
+
+            out = [[] for _ in prompts]
+
+            def lane(i):
+                prompt = prompts[i]
+                for turn in range(turns):
+                    gen = yield Request(prompt, replace(spec, seed=spec.seed + 100 * i + turn))
+                    out[i].append((prompt, gen.token_ids))
+                    prompt = prompt + gen.token_ids
+
+            scheduler, half = Scheduler(self.engine), len(prompts) // 2
+            other = threading.Thread(target=scheduler.run, args=([lane(i) for i in range(half)],))
+            other.start()
+            scheduler.run([lane(i) for i in range(half, len(prompts))])
+            other.join()
+            return out, scheduler.stats.in_flight_mean
 
         def load_weights(self, items, version):
             t = time.perf_counter()
@@ -156,6 +182,24 @@ def test_vllm_at_full_concurrency_never_splits_a_seeded_prefill_and_keeps_each_r
         for i in (0, 17, 39):  # request i of a batch is seeded spec.seed + i
             (alone,), _ = ray.get(actor.generate.remote([long[i]], SamplingSpec(1.0, 1.0, 24, seed=11 + i)))
             assert alone.token_ids == together[i].token_ids
+    finally:
+        ray.kill(actor)
+
+
+def test_vllm_through_the_overlapped_scheduler_samples_what_each_request_samples_alone(ray_local, tiny, prompts):
+    """Lanes whose next prompt is their last prompt plus its reply, from two task threads, on the
+    scheduler whose engine thread steps while its program thread digests replies: whatever the
+    batches were, each request samples what it samples alone (every request carries its seed)."""
+    ray = ray_local
+    actor = _engine_actor(ray, tiny, "float32")
+    try:
+        spec = SamplingSpec(temperature=1.0, max_new_tokens=16, seed=5)
+        lanes, in_flight = ray.get(actor.scheduled.remote(prompts, spec, 3))
+        assert in_flight > 1 and [len(lane) for lane in lanes] == [3] * len(prompts)
+        for i, lane in enumerate(lanes):
+            for turn, (prompt, ids) in enumerate(lane):
+                (alone,), _ = ray.get(actor.generate.remote([prompt], replace(spec, seed=spec.seed + 100 * i + turn)))
+                assert alone.token_ids == ids, (i, turn)
     finally:
         ray.kill(actor)
 

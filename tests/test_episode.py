@@ -7,9 +7,9 @@ import pytest
 
 from actors.agent.answer_agent import ReaderAgent
 from actors.engines.base import SamplingSpec
-from actors.agent.episode import EpisodeRunner, Lane, split_chunks
+from actors.agent.episode import EpisodeRunner, Lane, request_seed, split_chunks
 from actors.agent.groups import GroupCollector
-from actors.agent.prompts import render_facts, render_operations
+from actors.agent.prompts import context_tokens, prompt_budget, render_facts, render_operations
 from actors.agent.rewards import compression, dialogue_tokens
 from common.config import load_config
 from common.types import QA, Conversation, Fact, Operation, Session, Turn, table_to_samples
@@ -140,3 +140,68 @@ def test_evaluation_counts_its_format_failures_and_generated_tokens(cfg):
     assert result.stats.steps == len(engine.texts) == 7
     assert result.stats.generated_tokens == sum(len(prose_manager(s, u, 0).split()) for s, u in engine.texts)
     assert result.score.memory_tokens == 0 and result.score.questions == 2  # nothing stored; category 5 left out
+
+
+class Measured(ScriptedEngine):
+    """A scripted engine whose prompts have as many tokens as their text has words; it keeps the
+    requests sent."""
+
+    def __init__(self, respond) -> None:
+        super().__init__(respond)
+        self.sent = []
+
+    def chat_prompt(self, system: str, user: str) -> list[int]:
+        return super().chat_prompt(system, user) * len(f"{system} {user}".split())
+
+    def add_request(self, request_id, request) -> None:
+        self.sent.append(request)
+        super().add_request(request_id, request)
+
+
+def budget_cfg(max_prompt: int, max_new: int, *more: str):
+    return load_config(None, [f"model.max_prompt_tokens={max_prompt}", f"rollout.max_new_tokens={max_new}",
+                              "model.prompt_size=minimal", *more])
+
+
+def test_a_manager_prompt_that_fits_the_context_with_its_reply_keeps_every_related_memory():
+    facts = [Fact("Alice", "D2:1", "Alice lives in Boston now.")]
+    bank = MemoryBank.empty()
+    for i in range(6):
+        bank = bank.apply(Operation("INSERT", speaker="Alice", content=f"Alice lives in Boston near the harbour, note {i}."))
+
+    def manager_prompt(max_prompt: int, max_new: int):
+        cfg, lane = budget_cfg(max_prompt, max_new, "memory.related_top_k=6"), Lane(bank)
+        prompt, related = EpisodeRunner(Measured(respond), cfg)._manager_prompt(lane, facts)
+        return len(prompt), len(related[0]), lane.prompt_overflows
+
+    full, k, _ = manager_prompt(4096, 64)
+    assert k == 6 and full > 64
+    # The engine's context is max_prompt_tokens + max_new_tokens: a prompt of max_prompt_tokens
+    # leaves the whole reply's budget. The old cap (max_prompt_tokens - max_new_tokens) cut it to k = 3.
+    cfg = budget_cfg(full, 64)
+    assert prompt_budget(cfg) == full and full + 64 == context_tokens(cfg)
+    assert manager_prompt(full, 64) == (full, 6, 0)
+    assert manager_prompt(full, 8) == (full, 6, 0)  # the reply's budget does not shrink the prompt's
+    shorter, k, overflows = manager_prompt(full - 1, 64)
+    assert k == 3 and overflows == 1 and shorter < full
+
+
+def test_an_extractor_chunk_over_the_budget_is_split_and_counted_and_every_turn_is_read():
+    turns = tuple(Turn("Alice", f"D1:{i}", f"turn {i} " + "and so on " * 6) for i in range(1, 6))
+    conv = Conversation("c1", "Alice", "Bob", (Session(1, "1:00 pm on 1 May, 2023", turns),), ())
+
+    def extract(max_prompt: int):
+        engine, lane = Measured(lambda system, user, i: '{"facts":[]}'), Lane(MemoryBank.empty())
+        cfg = budget_cfg(max_prompt, 16, "rollout.chunks_per_session=1")
+        EpisodeRunner(engine, cfg).run_session([lane], conv, conv.sessions[0], SamplingSpec(), ("k",))
+        read = [DIA.findall(engine.texts[r.prompt[0]][1]) for r in engine.sent]
+        return engine, lane, read
+
+    engine, lane, read = extract(4096)
+    assert len(read) == 1 and lane.prompt_overflows == 0
+    assert engine.seeds == [request_seed("k", 0, "extractor", 0)]  # a chunk that fits keeps its seed
+    engine, lane, read = extract(80)  # one turn's prompt is ~40 words, the chunk's ~130
+    assert len(read) > 2 and all(len(r.prompt) <= 80 for r in engine.sent)
+    assert [dia for part in read for dia, _, _ in part] == [t.dia_id for t in turns]  # each turn once, in order
+    assert lane.prompt_overflows == len(read) - 1  # one per split
+    assert len(set(engine.seeds)) == len(read)

@@ -5,13 +5,21 @@ import pytest
 
 from actors.agent.parsing import parse_facts, parse_operations
 from actors.agent.prompts import (
+    MEMORY_WORDS,
     SIZES,
+    context_tokens,
     extractor_messages,
+    longest_manager_messages,
+    longest_manager_prompt_tokens,
     manager_messages,
+    most_facts,
+    prompt_budget,
     render_facts,
     render_operations,
     visible_memory_ids,
 )
+from actors.engines.models import ChatEngineBase, build_tiny
+from common.config import load_config
 from common.types import Fact, MemoryItem, Operation, Turn
 
 DATE = "1:56 pm on 8 May, 2023"
@@ -125,3 +133,39 @@ def test_bad_arguments_are_refused():
         extractor_messages("huge", DATE, TURNS)
     with pytest.raises(ValueError):
         manager_messages("compact", FACTS, RELATED[:2])
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    """The tiny model's tokenizer and chat template, as the engines use them (no weights loaded)."""
+    return ChatEngineBase(build_tiny(tmp_path_factory.mktemp("models") / "tiny"), 4096)
+
+
+def test_the_longest_manager_prompt_holds_the_most_facts_a_reply_can_carry_each_with_k_memories(tiny_chat):
+    cfg = load_config(None, ["rollout.max_new_tokens=128", "memory.related_top_k=5", "model.prompt_size=compact"])
+    tokens = lambda text: len(tiny_chat.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    facts = most_facts(cfg, tiny_chat.tokenizer)
+    # The reply holds them all, and the parser takes them all; a longer reply holds more.
+    assert tokens(render_facts(facts)) <= 128
+    parsed = parse_facts(render_facts(facts), {f.dia_id for f in facts}, {"Sam", "Evan"})
+    assert len(parsed.items) == len(facts) > 1 and not parsed.rejected
+    more = load_config(None, ["rollout.max_new_tokens=256"])
+    assert len(most_facts(more, tiny_chat.tokenizer)) > len(facts)
+    system, user = longest_manager_messages(cfg, tiny_chat.tokenizer)
+    memories = block(user, "memories")
+    assert len(memories) == 5 * len(facts)  # k distinct memories per fact
+    assert all(len(line.split(": ", 1)[1].split()) == MEMORY_WORDS for line in memories)
+    assert len(block(user, "facts")) == len(facts)
+    longest = longest_manager_prompt_tokens(cfg, tiny_chat)
+    assert longest == len(tiny_chat.chat_prompt(system, user))
+    # Every knob of the worst case makes it longer.
+    for knobs, words in ((["memory.related_top_k=6"], MEMORY_WORDS), ([], MEMORY_WORDS + 4), (["rollout.max_new_tokens=256"], MEMORY_WORDS)):
+        bigger = load_config(None, ["rollout.max_new_tokens=128", "memory.related_top_k=5", "model.prompt_size=compact", *knobs])
+        assert longest_manager_prompt_tokens(bigger, tiny_chat, words) > longest
+    # A reply too short for even one fact builds no manager prompt at all.
+    assert longest_manager_prompt_tokens(load_config(None, ["rollout.max_new_tokens=8"]), tiny_chat) == 0
+
+
+def test_prompt_budget_is_the_context_less_the_replys():
+    cfg = load_config(None, ["model.max_prompt_tokens=6144", "rollout.max_new_tokens=1024"])
+    assert (prompt_budget(cfg), context_tokens(cfg)) == (6144, 7168)  # the paper's setting

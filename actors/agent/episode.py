@@ -3,8 +3,12 @@
 Each rollout (or local branch) is a *lane* and runs as a program (`EpisodeRunner.session`): a
 generator that yields each generation it needs and gets the reply back. The worker's scheduler
 (actors.engines.scheduler) puts the requests of every lane of every task it holds into one
-continuous batch, so lanes never wait for each other. A lane owns its memory bank (an immutable
-snapshot, so lanes never interfere) and records every generation as a step for the learner.
+continuous batch, so lanes never wait for each other; their CPU work (parsing, retrieval, chat
+templating) runs on the scheduler's program thread while the engine steps. A lane owns its memory
+bank (an immutable snapshot, so lanes never interfere) and records every generation as a step for
+the learner. Prompts keep within `prompt_budget(cfg)`, the engine's context less the reply's
+budget: a manager prompt over it shows fewer related memories, an extractor chunk over it is split,
+and each is counted (`Lane.prompt_overflows`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from actors.engines.base import Engine, Request, SamplingSpec
 from actors.engines.scheduler import Program, Scheduler
 from actors.agent.parsing import parse_facts, parse_operations
-from actors.agent.prompts import extractor_messages, manager_messages, visible_memory_ids
+from actors.agent.prompts import extractor_messages, manager_messages, prompt_budget, visible_memory_ids
 from common.config import Config
 from common.types import Conversation, Fact, MemoryItem, Role, Session, Turn
 from memory_service.bank import MemoryBank
@@ -40,7 +44,7 @@ class Lane:
     format_failures: int = 0  # responses with no parsable JSON at all
     rejected_items: int = 0  # facts/operations dropped by validation (bad ids, fields, lengths)
     failed_ops: int = 0  # valid-looking operations the bank refused
-    prompt_overflows: int = 0  # manager prompts shrunk to fit the context
+    prompt_overflows: int = 0  # prompts over prompt_budget: manager k halved, extractor chunk halved
 
     def generated_tokens(self) -> int:
         return sum(len(s.response_ids) for s in self.steps)
@@ -88,20 +92,33 @@ class EpisodeRunner:
         """Lane `index` through one session: per chunk, the extractor, then (if it found facts) the manager."""
         speakers = {conv.speaker_a, conv.speaker_b}
         for c, chunk in enumerate(split_chunks(session.turns, self.cfg.rollout.chunks_per_session)):
-            chunk_ids = {t.dia_id for t in chunk}
-            system, user = extractor_messages(self.cfg.model.prompt_size, session.date_time, chunk)
-            prompt = self.engine.chat_prompt(system, user)
-            gen = yield Request(prompt, _seeded(spec, *seed_key, c, "extractor", index))
-            facts = self._record(lane, StepRecord("extractor", session.index, prompt, gen.token_ids, gen.logprobs),
-                                 parse_facts(gen.text, chunk_ids, speakers))
-            if not facts:
-                continue
-            prompt, related = self._manager_prompt(lane, facts)
-            gen = yield Request(prompt, _seeded(spec, *seed_key, c, "manager", index))
-            ops = self._record(lane, StepRecord("manager", session.index, prompt, gen.token_ids, gen.logprobs),
-                               parse_operations(gen.text, visible_memory_ids(related), speakers, chunk_ids))
-            lane.bank, errors = lane.bank.apply_all(ops, session.date_time)
-            lane.failed_ops += len(errors)
+            parts = self._extractor_prompts(lane, session.date_time, chunk)
+            for j, (prompt, turns) in enumerate(parts):
+                key = (*seed_key, c if len(parts) == 1 else (c, j))  # a chunk that fits keeps its seeds
+                chunk_ids = {t.dia_id for t in turns}
+                gen = yield Request(prompt, _seeded(spec, *key, "extractor", index))
+                facts = self._record(lane, StepRecord("extractor", session.index, prompt, gen.token_ids, gen.logprobs),
+                                     parse_facts(gen.text, chunk_ids, speakers))
+                if not facts:
+                    continue
+                prompt, related = self._manager_prompt(lane, facts)
+                gen = yield Request(prompt, _seeded(spec, *key, "manager", index))
+                ops = self._record(lane, StepRecord("manager", session.index, prompt, gen.token_ids, gen.logprobs),
+                                   parse_operations(gen.text, visible_memory_ids(related), speakers, chunk_ids))
+                lane.bank, errors = lane.bank.apply_all(ops, session.date_time)
+                lane.failed_ops += len(errors)
+
+    def _extractor_prompts(self, lane: Lane, date: str, turns: tuple[Turn, ...]) -> list[tuple[list[int], tuple[Turn, ...]]]:
+        """The chunk's extractor prompt; over the budget, its halves' instead (down to one turn,
+        sent as it is), so every turn is still read. Each prompt over the budget is counted."""
+        system, user = extractor_messages(self.cfg.model.prompt_size, date, turns)
+        prompt = self.engine.chat_prompt(system, user)
+        over = len(prompt) > prompt_budget(self.cfg)
+        lane.prompt_overflows += over
+        if not over or len(turns) == 1:
+            return [(prompt, turns)]
+        half = len(turns) // 2
+        return self._extractor_prompts(lane, date, turns[:half]) + self._extractor_prompts(lane, date, turns[half:])
 
     @staticmethod
     def _record(lane: Lane, step: StepRecord, parsed) -> list:
@@ -111,8 +128,8 @@ class EpisodeRunner:
         return parsed.items
 
     def _manager_prompt(self, lane: Lane, facts: list[Fact]) -> tuple[list[int], list[list[MemoryItem]]]:
-        """Retrieve top-k related memories per fact; halve k until the prompt fits the context."""
-        budget = self.cfg.model.max_prompt_tokens - self.cfg.rollout.max_new_tokens
+        """Retrieve top-k related memories per fact; halve k until the prompt fits its budget."""
+        budget = prompt_budget(self.cfg)
         k = self.cfg.memory.related_top_k
         while True:
             related = [lane.bank.retrieve(f.fact, k) for f in facts]

@@ -12,6 +12,10 @@ Dialogue, facts and memory contents are data. Each item becomes exactly one line
 fields the system controls (ids, speaker) and ends with the free text; whitespace (newlines
 included) is collapsed and anything that could pass for a block delimiter is defanged, so no text a
 speaker or an earlier model output wrote can end a block or forge another item.
+
+Budgets: a role prompt may take `prompt_budget(cfg)` tokens, the engine's context less the
+reply's budget; `longest_manager_prompt_tokens` sizes the largest manager prompt a config can ask
+for (a resource planner's input).
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from common.types import Fact, MemoryItem, Operation, Turn
+
+if TYPE_CHECKING:
+    from actors.engines.models import ChatEngineBase
+    from common.config import Config
 
 Size = Literal["minimal", "compact", "full"]
 SIZES: tuple[str, ...] = ("minimal", "compact", "full")
@@ -233,3 +241,67 @@ def manager_messages(size: Size, facts: Sequence[Fact], related: Sequence[Sequen
 def visible_memory_ids(related: Sequence[Sequence[MemoryItem]]) -> set[str]:
     """The memory ids the manager was shown: the only ids valid in its reply."""
     return {m.id for memories in related for m in memories}
+
+
+# -- budgets ---------------------------------------------------------------------------------------
+
+
+def context_tokens(cfg: Config) -> int:
+    """The context every rollout engine is built with (actors.fleet.worker, actors.engines.factory):
+    room for the longest prompt plus the longest reply."""
+    return cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens
+
+
+def prompt_budget(cfg: Config) -> int:
+    """Tokens an extractor or manager prompt may take: the engine's context less the reply's
+    budget, so a prompt within it never cuts its reply short (it equals model.max_prompt_tokens)."""
+    return context_tokens(cfg) - cfg.rollout.max_new_tokens
+
+
+# LoCoMo's observations (its per-session facts, the memories a good manager writes) have a median
+# of 15 words (mean 14.8, p90 20); the synthetic world's gold memories 8. 16 errs long.
+MEMORY_WORDS = 16
+_MEMORY_TEXT = ("Caroline went to an LGBTQ support group on 7 May, 2023 and found the transgender "
+                "stories there inspiring and empowering for her own journey").split()
+_SPEAKERS = ("Sam", "Evan")  # conv-49, among LoCoMo's shortest names: the most facts fit a reply
+
+
+def most_facts(cfg: Config, tokenizer) -> list[Fact]:
+    """The most facts one extractor reply (rollout.max_new_tokens tokens) can carry that the parser
+    accepts: distinct one-word facts, the shortest it takes, as compact JSON. Empty if not even one
+    fits (then no manager prompt is built)."""
+    def fact(i: int) -> Fact:
+        return Fact(_SPEAKERS[i % 2], f"D32:{i + 1}", f"f{i}")
+
+    def reply_tokens(facts: list[Fact]) -> int:
+        return len(tokenizer.encode(render_facts(facts), add_special_tokens=False))
+
+    facts: list[Fact] = []
+    while reply_tokens([*facts, fact(len(facts))]) <= cfg.rollout.max_new_tokens:
+        facts.append(fact(len(facts)))
+    return facts
+
+
+def longest_manager_messages(cfg: Config, tokenizer, memory_words: int = MEMORY_WORDS) -> tuple[str, str] | None:
+    """(system, user) of the largest manager prompt `cfg` can produce: `most_facts`, each shown with
+    memory.related_top_k memories, all distinct (no two facts share one: a bank grown over many
+    sessions can hold facts x k), each `memory_words` words long, with four-digit ids (ids count
+    every insert a lineage ever made). None when no fact fits a reply."""
+    facts = most_facts(cfg, tokenizer)
+    if not facts:
+        return None
+    k = cfg.memory.related_top_k
+    text = (_MEMORY_TEXT * (memory_words // len(_MEMORY_TEXT) + 1))[:memory_words]
+    related = [[MemoryItem(str(1000 + f * k + j), _SPEAKERS[j % 2], " ".join(text), "", ()) for j in range(k)]
+               for f in range(len(facts))]
+    return manager_messages(cfg.model.prompt_size, facts, related)
+
+
+def longest_manager_prompt_tokens(cfg: Config, chat: ChatEngineBase, memory_words: int = MEMORY_WORDS) -> int:
+    """Tokens of the largest manager prompt `cfg` can produce (`longest_manager_messages`), through
+    the chat template the engines use; 0 when no fact fits a reply. `chat` is a rollout engine or a
+    `ChatEngineBase(model_dir, context_tokens(cfg))`, which loads only the tokenizer. Episodes cut
+    a prompt over `prompt_budget(cfg)` by halving k (counted), so a larger result says by how much
+    the worst case would be cut, not that a longer prompt is sent."""
+    messages = longest_manager_messages(cfg, chat.tokenizer, memory_words)
+    return 0 if messages is None else len(chat.chat_prompt(*messages))
