@@ -223,6 +223,12 @@ class TrainConfig(Section):
     # Two: each of the embedded default's two workers runs one global task at once.
     conversations_per_step: int = Field(2, ge=1)
     max_steps: int | None = Field(None, ge=1)  # stop early (the run resumes from there with --resume)
+    # Steps between full DeepSpeed checkpoints (bit16 weights, fp32 master, Adam moments: ~14 B
+    # per parameter, 107 GB at 7.6B). One is also written at every stage's end and where max_steps
+    # stops the run; a killed run resumes from the last one and repeats the steps after it, exactly.
+    checkpoint_every: int = Field(1, ge=1)
+    # Step checkpoints kept; one more exists while the next is written (run_outputs.checkpoint_disk_peak_files).
+    keep_checkpoints: int = Field(1, ge=1)
     warmstart: WarmstartConfig = WarmstartConfig()
 
 

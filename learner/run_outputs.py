@@ -1,10 +1,14 @@
-"""A run's folder, `runs/<name>/`: metrics.jsonl, summary.json, the resume state, checkpoints and
-the learning-curve PNG."""
+"""A run's folder, `runs/<name>/`: metrics.jsonl, summary.json, the resume state, the learner's
+DeepSpeed step checkpoints (checkpoints/step<n>/), the best weights of each curriculum stage as
+model folders (best-stage<k>-step<n>/), the final policy/ and the learning-curve PNG."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,13 +27,34 @@ class TrainState:
     batch: int = 0  # batches done in the current epoch
     checkpoint: str | None = None  # tag of this step's learner checkpoint
     best_val_f1: float | None = None
-    best_tag: str | None = None
+    best: str | None = None  # the best validated weights so far: a model folder in the run's folder
     val_f1_start: float | None = None
     val_f1_last: float | None = None
     validations: list[dict] = field(default_factory=list)
 
 
 Resume = Literal["never", "always", "auto"]
+# What prune() manages: step checkpoints (checkpoints/step<n>) and best folders (best-stage<k>-step<n>).
+PRUNED = re.compile(r"(best-stage\d+-)?step(\d+)")
+
+
+def checkpoint_disk_peak_files(cfg: Config) -> dict[str, int]:
+    """How many weight copies a run of `cfg` holds on disk at once at worst, for a planner to
+    multiply by their sizes (counts, not bytes; other files are small):
+
+    deepspeed_checkpoints: full DeepSpeed step checkpoints, each every rank's bit16 weights, fp32
+        master weights and Adam moments (~14 B per trained parameter in bf16, 16 in fp32; a
+        frozen one only has its weight): train.keep_checkpoints, plus the next one while it is
+        written before the oldest goes.
+    model_folders: HF model folders of the weights (2 B per parameter in bf16, 4 in fp32): one
+        best per curriculum stage, plus the current stage's next best while it is written before
+        the one the saved state names goes; the final policy/ (a run stopped by train.max_steps
+        leaves one while a resumed run trains on); and the warm start, if enabled.
+    """
+    return {
+        "deepspeed_checkpoints": cfg.train.keep_checkpoints + 1,
+        "model_folders": len(cfg.curriculum.stages) + 1 + 1 + int(cfg.train.warmstart.enabled),
+    }
 
 
 class RunDir:
@@ -49,16 +74,40 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.path / "checkpoints"
         self.policy = self.path / "policy"  # the final weights as a model folder (memr2 eval)
+        self.keep = cfg.train.keep_checkpoints
+        self.saved_step = -1  # the step of the state on disk: none yet
+        if not self.resumed:  # a run killed before its first checkpoint starts over: so do its rows
+            (self.path / "metrics.jsonl").unlink(missing_ok=True)
         self.metrics = MetricsLog(self.path / "metrics.jsonl", cfg.metrics.prometheus)
         (self.path / "config.json").write_text(cfg.model_dump_json(indent=1))
 
     def load_state(self) -> TrainState:
-        return TrainState(**json.loads((self.path / "state.json").read_text()))
+        state = TrainState(**json.loads((self.path / "state.json").read_text()))
+        self.saved_step = state.step
+        return state
 
     def save_state(self, state: TrainState) -> None:
         tmp = self.path / "state.json.tmp"
         tmp.write_text(json.dumps(asdict(state), indent=1))
         tmp.replace(self.path / "state.json")  # atomic: a kill never leaves half a state
+        self.saved_step = state.step
+
+    def prune(self, best: str | None = None) -> None:
+        """Remove the weights no resume can need. Of the step checkpoints the state on disk covers
+        (step <= its step), all but the newest keep_checkpoints; of each stage's best folders it
+        covers, all but the newest. Every newer one too: a killed run's, which the resume repeats
+        and writes again (so no tag lands in a stale folder); all but `best`, the folder the state
+        in memory names and the next save_state will."""
+        found = defaultdict(list)  # "" (step checkpoints) or "best-stage<k>-": [(step, folder)]
+        for folder in [*self.checkpoints.glob("step*"), *self.path.glob("best-stage*-step*")]:
+            if (m := PRUNED.fullmatch(folder.name)) and folder.is_dir():
+                found[m[1] or ""].append((int(m[2]), folder))
+        for kind, folders in found.items():
+            covered = sorted(f for f in folders if f[0] <= self.saved_step)
+            kept = covered[-(self.keep if kind == "" else 1) :]
+            for f in folders:
+                if f not in kept and f[1].name != best:
+                    shutil.rmtree(f[1], ignore_errors=True)
 
     def write_summary(self, summary: dict) -> None:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=1))

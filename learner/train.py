@@ -6,7 +6,6 @@ validation, the curriculum, checkpoints that resume to the identical next step, 
 from __future__ import annotations
 
 import random
-import shutil
 import statistics
 import time
 
@@ -22,6 +21,7 @@ from common.data import load_dataset, split
 from common.scoring import bootstrap_ci
 from common.types import Conversation
 from learner.deepspeed_learner import Learner, rank_resources
+from learner.plan import check_fits
 from learner.run_outputs import Resume, RunDir, TrainState
 from learner.warmstart import warm_model
 from learner.weight_sync import check_sync_mode, sync_weights
@@ -74,9 +74,10 @@ def epoch_batches(conversations: list[Conversation], per_step: int, seed: int, s
     return [order[i : i + per_step] for i in range(0, len(order), per_step)]
 
 
-def run(cfg: Config, resume: Resume = "never") -> dict:
+def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = None) -> dict:
     start = time.perf_counter()
     check_sync_mode(cfg)
+    check_fits(cfg, gpu_memory_gb)  # before anything starts: a rank out of memory fails after minutes
     check_model_name(cfg.model.name)  # one line here, not a traceback from inside every worker
     out = RunDir(cfg, resume)
     data = split(load_dataset(cfg.data), cfg.data)
@@ -90,7 +91,7 @@ def run(cfg: Config, resume: Resume = "never") -> dict:
     if out.resumed:
         state = out.load_state()
         learner.load_checkpoint(str(out.checkpoints), state.checkpoint)
-        out.metrics.truncate_after(state.step)
+        out.metrics.truncate_after(state.step)  # steps after the checkpoint: repeated below
     sync_weights(learner, fleet)  # engines start from the learner's weights, version stamped
     if state.val_f1_start is None:
         state.val_f1_start = _validate(out, fleet, data["val"], val_horizon, state)
@@ -108,7 +109,8 @@ def run(cfg: Config, resume: Resume = "never") -> dict:
             epoch_done = state.batch == len(batches)
             if epoch_done:  # moves on to the next epoch, maybe the next stage
                 _end_epoch(cfg, out, fleet, learner, data["val"], val_horizon, state)
-            _checkpoint(out, learner, state)
+            if checkpoint_due(cfg, state, stage_done=epoch_done and state.epoch == 0):  # epoch 0 of the next
+                _checkpoint(out, learner, state)
             if epoch_done:
                 break
     bar.close()
@@ -120,6 +122,7 @@ def run(cfg: Config, resume: Resume = "never") -> dict:
         "val_f1_start": state.val_f1_start,
         "val_f1_end": state.val_f1_last,
         "val_f1_best": state.best_val_f1,
+        "best": str(out.path / state.best) if state.best else None,  # its weights, a model folder
         **_gain(state.validations),
         "warmstart": warm,
         "wall_s": time.perf_counter() - start,
@@ -152,19 +155,33 @@ def _stop(cfg: Config, state: TrainState) -> bool:
     return cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
 
 
+def checkpoint_due(cfg: Config, state: TrainState, stage_done: bool) -> bool:
+    """Every checkpoint_every steps, which bounds the steps a kill repeats. At a stage's end too:
+    the next stage's start (best weights, fresh optimizer) is then in a checkpoint, so a resume
+    never goes back into a finished stage, and each finished stage keeps one best folder
+    (run_outputs.checkpoint_disk_peak_files counts on it). And where max_steps stops the run, so
+    that a resume repeats nothing."""
+    return state.step % cfg.train.checkpoint_every == 0 or stage_done or _stop(cfg, state)
+
+
 def _end_epoch(cfg, out, fleet, learner, val, val_horizon, state) -> None:
-    """Validate, keep the best checkpoint of the stage, and start the next stage from it."""
+    """Validate, keep the best weights so far as a model folder, and start the next stage from
+    them (the best over every validation, not only this stage's: all run at the final horizon)."""
     state.epoch, state.batch = state.epoch + 1, 0
     stage = cfg.curriculum.stages[state.stage]
     if state.epoch % cfg.curriculum.val_every == 0 or state.epoch == stage.epochs:
         f1 = _validate(out, fleet, val, val_horizon, state)
         if state.best_val_f1 is None or f1 > state.best_val_f1:
-            state.best_val_f1, state.best_tag = f1, f"best-stage{state.stage}"
-            learner.save_checkpoint(str(out.checkpoints), state.best_tag)
+            # Named by its step, never overwritten: the folder the state on disk names survives a
+            # kill. Bests written since that state (the one in memory included: this one replaces
+            # it) go first, so at most two of a stage exist at once.
+            out.prune()
+            state.best_val_f1, state.best = f1, f"best-stage{state.stage}-step{state.step}"
+            learner.save_pretrained(str(out.path / state.best))
     if state.epoch == stage.epochs:
         state.stage, state.epoch = state.stage + 1, 0
-        if state.stage < len(cfg.curriculum.stages) and state.best_tag:
-            learner.load_checkpoint(str(out.checkpoints), state.best_tag, as_new_version=True)
+        if state.stage < len(cfg.curriculum.stages) and state.best:
+            learner.load_pretrained(str(out.path / state.best))  # fresh Adam moments, a new version
             sync_weights(learner, fleet)
 
 
@@ -178,9 +195,9 @@ def _validate(out: RunDir, fleet: RolloutFleet, val: list[Conversation], horizon
 
 def _checkpoint(out: RunDir, learner: Learner, state: TrainState) -> None:
     """Weights first under a new tag, then the state naming it: a kill at any point resumes from a
-    state and weights of the same step. The previous step's weights are then removed."""
-    previous, state.checkpoint = state.checkpoint, f"step{state.step}"
+    state and weights of the same step. Then what that state no longer needs goes (out.prune)."""
+    out.prune(state.best)  # a killed run's leftovers first: this step's tag may be one of them
+    state.checkpoint = f"step{state.step}"
     learner.save_checkpoint(str(out.checkpoints), state.checkpoint)
     out.save_state(state)
-    if previous and previous != state.checkpoint:
-        shutil.rmtree(out.checkpoints / previous, ignore_errors=True)
+    out.prune(state.best)
