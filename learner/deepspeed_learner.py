@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from common.config import AlgoConfig, LearnerConfig
 from learner.batching import mini_batches_per_epoch, split_round_robin
@@ -49,8 +51,13 @@ class Learner:
         self.transfer_group = None  # the collective weight sync's group, kept by learner.weight_sync
         need = rank_resources(cfg)
         threads = max(1, int(cfg.cpus_per_rank))
-        actor = ray.remote(LearnerRank).options(num_cpus=need["CPU"], num_gpus=need["GPU"], resources=dict(cfg.resources))
-        self.ranks = [actor.remote(r, cfg.num_ranks, threads) for r in range(cfg.num_ranks)]
+        # One placement group, PACK: the ranks share a node wherever one holds them all, so ZeRO's
+        # reduce-scatter of every step stays off the network (Ray's default packing may split them).
+        self.group = placement_group([{k: v for k, v in need.items() if v > 0}] * cfg.num_ranks, strategy="PACK")
+        actor = ray.remote(LearnerRank)
+        self.ranks = [actor.options(num_cpus=need["CPU"], num_gpus=need["GPU"], resources=dict(cfg.resources),
+                                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r))
+                      .remote(r, cfg.num_ranks, threads) for r in range(cfg.num_ranks)]
         start = time.perf_counter()
         try:
             master = self._rendezvous()
@@ -166,10 +173,20 @@ class Learner:
     def save_pretrained(self, directory: str) -> None:
         ray.get([r.save_pretrained.remote(directory) for r in self.ranks])
 
+    def load_pretrained(self, directory: str) -> None:
+        """The weights of a model folder (save_pretrained's) on every rank, with fresh optimizer
+        state: a curriculum stage restarting from the best weights starts a new optimization.
+        Published as the next version, the counters running on (see load_checkpoint)."""
+        ray.get([r.load_pretrained.remote(directory) for r in self.ranks])
+        self.version += 1
+
     def shutdown(self) -> None:
         for r in self.ranks:
             ray.kill(r)
         self.ranks = []
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None
 
     def __enter__(self) -> Learner:
         return self

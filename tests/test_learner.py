@@ -7,6 +7,7 @@ actor holds a CPU of the 2-CPU test cluster; they still run one torch thread eac
 import math
 
 import pytest
+import ray
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -253,6 +254,8 @@ def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir, budget):
     cfg2 = config(num_ranks=2, zero_stage=2, mini_batch=12, micro_batch=1, ppo_epochs=1, reference="sharded",
                   max_tokens_per_micro_batch=budget)
     with Learner(model_dir, algo, cfg2) as two:
+        placed = ray.util.placement_group_table(two.group)  # one group, packed onto one node
+        assert placed["strategy"] == "PACK" and len(set(placed["bundles_to_node_id"].values())) == 1
         tables, _ = make_groups(two, seed=7)
         m2 = two.train(tables)
         rank0, rank1 = two.rank_state_dicts()

@@ -27,7 +27,8 @@ def make_plan(cfg: Config, gpu_memory_gb: float | None = None, model_config: str
     shape = load_shape(cfg.model.name, model_config)
     if gpu_memory_gb is None and torch.cuda.is_available():
         gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / GB
-    learner = _learner_role(cfg, shape, gpu_memory_gb)
+    prompts = _prompts(cfg)
+    learner = _learner_role(cfg, shape, gpu_memory_gb, prompts)
     rollout = _rollout_role(cfg, shape, gpu_memory_gb)
     checkpoint, disk = _disk(cfg, shape, learner["bf16"])
     plan = {
@@ -41,6 +42,7 @@ def make_plan(cfg: Config, gpu_memory_gb: float | None = None, model_config: str
         "checkpoint_disk_peak_gb": disk / GB,
         "weight_sync_gb": (4 if cfg.model.dtype == "float32" else 2) * shape.params / GB,
         "context_tokens": cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens,
+        "prompts": prompts,
     }
     plan["fits"] = None if gpu_memory_gb is None else not _problems(plan)
     return plan
@@ -53,7 +55,7 @@ def check_plan(plan: dict) -> None:
         raise ValueError(f"plan ({plan['model']['name']} on {plan['gpu_memory_gb']:g} GB GPUs): {problems[0]}")
 
 
-def _learner_role(cfg: Config, shape: ModelShape, gpu_gb: float | None) -> dict:
+def _learner_role(cfg: Config, shape: ModelShape, gpu_gb: float | None, prompts: dict) -> dict:
     from learner.deepspeed_learner import rank_resources
     from learner.engine import resolve_bf16
 
@@ -62,7 +64,7 @@ def _learner_role(cfg: Config, shape: ModelShape, gpu_gb: float | None) -> dict:
     on_gpu = gpus > 0
     bf16 = resolve_bf16(lc.bf16) if not on_gpu or lc.bf16 != "auto" else True
     checkpointing = resolve_on_off(lc.gradient_checkpointing, on_gpu)
-    micros = mem.micro_batch_candidates(cfg, _shortest_prompt(cfg))
+    micros = mem.micro_batch_candidates(cfg, prompts["shortest_tokens"])
     micro, _ = mem.largest_activations(shape, micros, checkpointing, bf16, lc.frozen_layers)
     parts = mem.learner_components(cfg, shape, micro, bf16, checkpointing)
     _, without = mem.largest_activations(shape, micros, not checkpointing, bf16, lc.frozen_layers)
@@ -136,20 +138,32 @@ def _problems(plan: dict) -> list[str]:
     return out
 
 
-def _shortest_prompt(cfg: Config) -> int:
-    """Tokens of the shortest prompt the agent builds: the extractor's, with an empty chunk. With
-    the model's tokenizer where its folder is here, else at ~4 characters a token (English BPE)."""
-    from actors.agent.prompts import extractor_messages
+def _tokenizer(cfg: Config):
+    """(chat tokenizer, whose) for counting prompts: the model's own where its folder is here,
+    else the embedded SmolLM2's if built (a proxy: an English BPE of a similar rate), else None."""
+    from actors.agent.prompts import context_tokens
+    from actors.engines.models import BUILDERS, ChatEngineBase, default_models_dir, resolve_model
 
-    from actors.engines.models import BUILDERS, resolve_model
+    own = resolve_model(cfg.model.name) if cfg.model.name in BUILDERS else Path(cfg.model.name).expanduser()
+    for folder, whose in ((own, cfg.model.name), (default_models_dir() / "smollm2", "smollm2 (proxy)")):
+        if (folder / "tokenizer_config.json").is_file():
+            return ChatEngineBase(folder, context_tokens(cfg)), whose
+    return None, None
+
+
+def _prompts(cfg: Config) -> dict:
+    """The shortest prompt (the extractor's, an empty chunk), the budget a prompt may use, and the
+    longest manager prompt the config can build (actors.agent.prompts), which episodes cut to the
+    budget by halving the related memories shown (counted as prompt overflows)."""
+    from actors.agent.prompts import extractor_messages, longest_manager_prompt_tokens, prompt_budget
 
     system, user = extractor_messages(cfg.model.prompt_size, "", [])
-    folder = resolve_model(cfg.model.name) if cfg.model.name in BUILDERS else Path(cfg.model.name).expanduser()
-    if (folder / "tokenizer_config.json").is_file():
-        from actors.engines.models import ChatEngineBase
-
-        return len(ChatEngineBase(folder, cfg.model.max_prompt_tokens).chat_prompt(system, user))
-    return (len(system) + len(user)) // 4
+    chat, whose = _tokenizer(cfg)
+    if chat is None:  # ~4 characters a token, English BPE
+        return {"shortest_tokens": (len(system) + len(user)) // 4, "budget_tokens": prompt_budget(cfg),
+                "longest_manager_tokens": None, "tokenizer": None}
+    return {"shortest_tokens": len(chat.chat_prompt(system, user)), "budget_tokens": prompt_budget(cfg),
+            "longest_manager_tokens": longest_manager_prompt_tokens(cfg, chat), "tokenizer": whose}
 
 
 def render(plan: dict) -> str:
@@ -166,6 +180,11 @@ def render(plan: dict) -> str:
     for ext in plan["roles"]["external"]:
         lines.append(f"{'external':>8}: {ext['role']} {ext['model']} at {ext['url']}")
     lines.append(f"GPUs in all: {plan['gpus_total']} at start, {plan['gpus_total_max']} at the fleet's largest")
+    p = plan["prompts"]
+    if p["longest_manager_tokens"] is not None:
+        lines.append(f"prompts: budget {p['budget_tokens']} of a {plan['context_tokens']}-token context; the longest manager "
+                     f"prompt the config can build is {p['longest_manager_tokens']} tokens ({p['tokenizer']}'s tokenizer), "
+                     f"cut to the budget by showing fewer related memories")
     lines.append(f"checkpoint {plan['checkpoint_gb']:.1f} GB, disk at peak {plan['checkpoint_disk_peak_gb']:.1f} GB; "
                  f"weight sync {plan['weight_sync_gb']:.1f} GB")
     lines.append({True: "fits", False: "does NOT fit: " + "; ".join(_problems(plan)), None: "fit unknown"}[plan["fits"]])
