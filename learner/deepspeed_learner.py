@@ -37,15 +37,21 @@ def rank_resources(cfg: LearnerConfig) -> dict[str, float]:
 
 
 class Learner:
+    """`model` is what `model.name` takes (tiny, smollm2, a hub id, a folder) and goes to the ranks
+    as it is: each rank resolves it on its own node (actors.engines.models.resolve_model), as
+    rollout workers do, so no folder that exists on the driver's node alone reaches another node.
+    A folder must be one every rank's node sees (the run directory: the warm start, a best)."""
+
     def __init__(
         self,
-        model_dir: str,
+        model: str,
         algo: AlgoConfig,
         cfg: LearnerConfig,
         seed: int = 0,
     ) -> None:
         grad_accumulation(cfg, cfg.num_ranks)  # fail here, not inside an actor
-        self.algo, self.cfg, self.seed, self.model_dir = algo, cfg, seed, model_dir
+        self.algo, self.cfg, self.seed = algo, cfg, seed
+        self.model = self.model_dir = model  # as given, unresolved (model_dir: its older name)
         self.version = 0  # policy version: bumped by every train() call, stamped on trajectories
         self.train_calls = 0
         self.transfer_group = None  # the collective weight sync's group, kept by learner.weight_sync
@@ -61,7 +67,7 @@ class Learner:
         start = time.perf_counter()
         try:
             master = self._rendezvous()
-            setup = [r.setup.remote(master, model_dir, algo.model_dump(), cfg.model_dump()) for r in self.ranks]
+            setup = [r.setup.remote(master, model, algo.model_dump(), cfg.model_dump()) for r in self.ranks]
             self.setup_s = max(ray.get(setup))  # inside the ranks: process group + engine
         except BaseException:
             self.shutdown()  # ranks that did join would wait for the others until the pg timeout
@@ -94,7 +100,7 @@ class Learner:
         shards = split_round_robin(batch, self.cfg.num_ranks)
         n_mini = mini_batches_per_epoch(batch.num_rows, self.cfg.mini_batch)
         seed = self.seed * 1_000_003 + self.train_calls
-        results = ray.get([r.train.remote(s, n_mini, seed, objective) for r, s in zip(self.ranks, shards)])
+        results = ray.get([r.train.remote(s, n_mini, seed, objective, self.version + 1) for r, s in zip(self.ranks, shards)])
         self.train_calls += 1
         self.version += 1
         metrics = dict(results[0])
@@ -128,10 +134,10 @@ class Learner:
         """Rank 0 broadcasts the current weights to its group; refs to wait on."""
         return [r.send_weights.remote(self.version) for r in self._gathering_ranks()]
 
-    def weights_later(self) -> list:
-        """The full weights as a task's result, wrapped like publish_weights() but not waited for:
-        rank 0 computes it after whatever it was given before (a send), off the caller's path."""
-        return [[r.state_dict.remote() for r in self._gathering_ranks()][0]]
+    def weight_sources(self) -> list:
+        """The ranks that make a full copy of the weights when a late worker asks the policy store
+        (actors.fleet.policy_store): rank 0, or all under ZeRO-3 (they gather)."""
+        return self._gathering_ranks()
 
     def close_weight_transfer(self) -> None:
         ray.get([r.close_weight_transfer.remote() for r in self.ranks])
@@ -166,9 +172,10 @@ class Learner:
         states = ray.get([r.load_checkpoint.remote(directory, tag) for r in self.ranks])
         if as_new_version:
             self.version += 1
-            return
-        self.version = int(states[0].get("version", 0))
-        self.train_calls = int(states[0].get("train_calls", 0))
+        else:
+            self.version = int(states[0].get("version", 0))
+            self.train_calls = int(states[0].get("train_calls", 0))
+        ray.get([r.set_version.remote(self.version) for r in self.ranks])
 
     def save_pretrained(self, directory: str) -> None:
         ray.get([r.save_pretrained.remote(directory) for r in self.ranks])
@@ -179,6 +186,7 @@ class Learner:
         Published as the next version, the counters running on (see load_checkpoint)."""
         ray.get([r.load_pretrained.remote(directory) for r in self.ranks])
         self.version += 1
+        ray.get([r.set_version.remote(self.version) for r in self.ranks])
 
     def shutdown(self) -> None:
         for r in self.ranks:

@@ -37,6 +37,7 @@ class LearnerRank:
         torch.set_num_threads(max(1, num_threads))  # Ray sets OMP_NUM_THREADS=1 in actors
         eng.prepare_env()
         self.transfer = None  # this rank's part in a collective weight sync's group, once formed
+        self.version = 0  # the policy version these weights are (the driver's count)
         self._probe: socket.socket | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -48,11 +49,16 @@ class LearnerRank:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, master: tuple[str, int], model_dir: str, algo: dict, learner: dict) -> float:
-        """Join the process group and build the engine; returns seconds taken."""
+    def setup(self, master: tuple[str, int], model: str, algo: dict, learner: dict) -> float:
+        """Join the process group and build the engine; returns seconds taken.
+
+        `model` is resolved here, on this rank's node (a hub id into this node's HF cache, `tiny`
+        built here): a folder the driver resolved may exist on the driver's node only."""
+        from actors.engines.models import resolve_model
+
         start = time.perf_counter()
         self.algo, self.cfg = AlgoConfig(**algo), LearnerConfig(**learner)
-        self.model_dir = model_dir
+        self.model_dir = model_dir = str(resolve_model(model))  # save_pretrained copies its tokenizer files
         os.environ.update(
             MASTER_ADDR=master[0],
             MASTER_PORT=str(master[1]),
@@ -74,8 +80,9 @@ class LearnerRank:
 
     # ------------------------------------------------------------------ training
 
-    def train(self, shard: pa.Table, n_mini: int, seed: int, objective: str = "logo_grpo") -> dict[str, float]:
-        """`ppo_epochs` epochs of `n_mini` optimizer steps over this rank's shard."""
+    def train(self, shard: pa.Table, n_mini: int, seed: int, objective: str = "logo_grpo", version: int | None = None) -> dict[str, float]:
+        """`ppo_epochs` epochs of `n_mini` optimizer steps over this rank's shard; the weights are
+        then policy `version` (what a copy of them says it holds: versioned_state_dict)."""
         if objective not in ("logo_grpo", "sft"):
             raise ValueError(f"unknown objective {objective!r}")
         self.objective = objective
@@ -101,6 +108,8 @@ class LearnerRank:
             "steps": float(steps),
             "train_s": time.perf_counter() - start,
         }
+        if version is not None:
+            self.version = version
         return metrics
 
     def _mini_batch(self, rows: Rows, micro_idx: list[list[int]], sums: dict[str, float]) -> None:
@@ -178,6 +187,15 @@ class LearnerRank:
         """Full HF-named CPU weights on rank 0 (every rank must call it: ZeRO-3 gathers)."""
         state = eng.full_state_dict(self.engine)
         return state if (self.rank == 0 or on_every_rank) else None
+
+    def set_version(self, version: int) -> None:
+        self.version = version
+
+    def versioned_state_dict(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """The full weights with the policy version they are, on rank 0 (every gathering rank
+        calls it). Asked while an update runs, it runs after it: the version says so."""
+        state = eng.full_state_dict(self.engine)
+        return (self.version, state) if self.rank == 0 else None
 
     def put_state_dict(self) -> list | None:
         state = eng.full_state_dict(self.engine)

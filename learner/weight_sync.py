@@ -12,13 +12,10 @@ auto: collective where it works (every engine is vLLM with the learner's backend
 rank 0's port), else object_store; decided again whenever the members change.
 
 Workers that start between syncs (a replacement, an autoscaled worker) pull the latest version
-from the policy store, so in every mode it holds the current weights. In collective mode rank 0
-builds that copy right after its broadcast, as a task the sync does not wait for: the live
-engines have their weights by then, and only a worker that starts before the copy exists waits
-for it (in pull_latest_policy). Waiting would add a gather and a put of the whole state dict to
-every sync: 0.4-0.7 s for SmolLM2 on 2 CPU cores, against 0.55-0.8 s for the collective sync
-itself. Making the copy only when a worker asks for it would need the learner to still hold that
-version then, and it may be mid-update.
+from the policy store (actors.fleet.policy_store). In collective mode the store holds no weights,
+only the ranks that make a copy when a worker asks: no 15 GB gather and put at every 7B sync for
+workers that may never join. A copy asked for during an update is made after it and says so
+(LearnerRank.versioned_state_dict): the worker then holds, and stamps, that newer version.
 """
 
 from __future__ import annotations
@@ -60,8 +57,8 @@ def sync_weights(learner: Learner, fleet: RolloutFleet) -> float:
     try:
         collective = _collective_group(learner, slots)
         if collective:
-            sends = learner.send_weights()  # first in rank 0's queue, then the copy for late joiners:
-            ray.get(fleet.policy_store.publish.remote(learner.version, learner.weights_later()))
+            sends = learner.send_weights()
+            ray.get(fleet.policy_store.publish.remote(learner.version, sources=learner.weight_sources()))
             ray.get(sends)
     except RayError as err:
         _lost_member(learner, fleet, slots, err)

@@ -60,6 +60,9 @@ def test_after_a_sync_every_engine_holds_the_learners_weights_exactly(ray_local,
         # Versions: engines stamp the learner's version. A worker killed between steps is replaced
         # at the next step, and the replacement pulls the current policy before its first task.
         assert [i["policy_version"] for i in ray.get([s.handle.info.remote() for s in fleet.live()])] == [learner.version] * 2
+        assert ray.get(fleet.policy_store.copies_made.remote()) == 0  # a collective sync copies nothing
+        version, _ = ray.get(learner.weight_sources()[0].versioned_state_dict.remote())
+        assert version == learner.version  # a copy says which policy it is
         victim = fleet.live()[0].info["pid"]
         os.kill(victim, signal.SIGKILL)
         conversations = split(load_dataset(cfg.data), cfg.data)["train"]
@@ -69,6 +72,7 @@ def test_after_a_sync_every_engine_holds_the_learners_weights_exactly(ray_local,
         assert len(fleet.live()) == 2 and victim not in {s.info["pid"] for s in fleet.live()}
         assert [i["policy_version"] for i in ray.get([s.handle.info.remote() for s in fleet.live()])] == [learner.version] * 2
         assert fingerprints() == [after[0]] * 2
+        assert ray.get(fleet.policy_store.copies_made.remote()) == 1  # made when the replacement asked
         assert batch.policy_versions == {learner.version}  # every group, kept or degenerate
         batch = fleet.run(plan_step(cfg, conversations, 1, step=1))
         assert batch.policy_versions == {learner.version}

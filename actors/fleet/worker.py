@@ -107,6 +107,8 @@ class RolloutWorker:
 
     def load_weights(self, wrapped_weights: list, version: int, only_if_newer: bool = False) -> int:
         weights = ray.get(wrapped_weights[0])
+        if isinstance(weights, tuple):  # a copy the learner made on demand says which version it is
+            version, weights = weights
         with self.scheduler.exclusive() as engine:
             # Tasks pull on their own threads: another one may have just loaded this version.
             if not (only_if_newer and version <= engine.policy_version):
