@@ -9,6 +9,7 @@ keys can exist for sessions that have no turns, which are not sessions.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -27,12 +28,21 @@ class DataError(ValueError):
 def load_conversations(path: str | Path) -> list[Conversation]:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such data file")
+        raise DataError(f"{path}: no such data file{_job_hint(path)}")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON (line {err.lineno})") from None
     return parse_conversations(raw, str(path))
+
+
+def _job_hint(path: Path) -> str:
+    """Under `ray job submit` the driver's working directory is a temporary copy of the submitted
+    folder, so a relative path (paper.yaml's ../shared/...) points inside that copy."""
+    if path.is_absolute() or not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set for a job's entrypoint
+        return ""
+    return (" (under `ray job submit` a relative path is read from the job's working dir, a temporary copy of the"
+            " submitted folder: pass an absolute path on the node running the job's driver, e.g. data.locomo_path=/data/locomo10.json)")
 
 
 def parse_conversations(raw: Any, where: str) -> list[Conversation]:

@@ -23,7 +23,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from actors.engines.models import resolve_model
 from actors.fleet.cluster import init_ray
 from common.config import Config, load_config
 from common.metrics import run_root
@@ -69,7 +68,7 @@ def run_learning_bench(arms: list[str], seeds: int, overrides: list[str], consol
 def _shared_warmstart(cfg: Config, out: Path) -> Path | None:
     if not cfg.train.warmstart.enabled:
         return None
-    run_warmstart(cfg, resolve_model(cfg.model.name), out)
+    run_warmstart(cfg, cfg.model.name, out)
     return out
 
 

@@ -25,7 +25,6 @@ import time
 import ray
 import torch
 
-from actors.engines.models import resolve_model
 from actors.engines.weight_transfer import open_group
 from actors.fleet.cluster import fleet_asks, init_ray
 from actors.fleet.fleet import RolloutFleet
@@ -48,7 +47,7 @@ OVERRIDES = [
 def run_sync_bench(repeats: int = 3, overrides: list[str] | None = None) -> dict:
     cfg = load_config(None, OVERRIDES + list(overrides or []))
     init_ray(cfg.cluster, {**fleet_asks(cfg), "learner rank": [rank_resources(cfg.learner)] * cfg.learner.num_ranks})
-    learner = Learner(str(resolve_model(cfg.model.name)), cfg.algo, cfg.learner, cfg.seed)
+    learner = Learner(cfg.model.name, cfg.algo, cfg.learner, cfg.seed)
     fleet = RolloutFleet(cfg, run="bench-sync")
     try:
         _sync(learner, fleet, "collective")  # forms the group; a first pass of each warms up

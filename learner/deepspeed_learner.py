@@ -1,6 +1,6 @@
 """The driver's handle on the DeepSpeed learner: `num_ranks` data-parallel ranks as Ray actors.
 
-    learner = Learner(model_dir, cfg.algo, cfg.learner, seed=cfg.seed)
+    learner = Learner(model, cfg.algo, cfg.learner, seed=cfg.seed)   # a name each rank resolves
     metrics = learner.train(group_tables)        # one table per group, STEP_SCHEMA
     weights = learner.state_dict()               # HF names, CPU tensors: weight sync
     learner.save_checkpoint(dir, tag); learner.load_checkpoint(dir, tag)   # engine + optimizer

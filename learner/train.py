@@ -80,12 +80,12 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     check_fits(cfg, gpu_memory_gb)  # before anything starts: a rank out of memory fails after minutes
     check_model_name(cfg.model.name)  # one line here, not a traceback from inside every worker
     out = RunDir(cfg, resume)
-    data = split(load_dataset(cfg.data), cfg.data)
+    data = load_data(cfg)
     init_ray(cfg.cluster, job_asks(cfg))
-    model_dir, warm = warm_model(cfg, out.path)
+    model, warm = warm_model(cfg, out.path)  # a name or a run-dir folder: each rank resolves it on its node
     stages = cfg.curriculum.stages
     val_horizon = stages[-1].horizon  # every validation on the final task, so all are comparable
-    learner = Learner(str(model_dir), cfg.algo, cfg.learner, cfg.seed)
+    learner = Learner(str(model), cfg.algo, cfg.learner, cfg.seed)
     fleet = RolloutFleet(cfg, run=out.name, other_bundles=job_asks(cfg)["learner rank"])
     state = TrainState()
     if out.resumed:
@@ -132,6 +132,12 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     fleet.shutdown()
     learner.shutdown()
     return summary
+
+
+def load_data(cfg: Config) -> dict[str, list[Conversation]]:
+    """The splits, read by the driver alone (tasks carry their conversations to the workers): under
+    `ray job submit` a data path must exist on the node running the job's driver."""
+    return split(load_dataset(cfg.data), cfg.data)
 
 
 def _gain(validations: list[dict]) -> dict:

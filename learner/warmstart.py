@@ -24,15 +24,15 @@ from common.types import Conversation, StepSample, samples_to_table
 from learner.deepspeed_learner import Learner
 
 
-def warm_model(cfg: Config, run_path: Path) -> tuple[Path, dict | None]:
-    """The checkpoint RL starts from: the configured model, or its warm start (made once per run)."""
-    base = resolve_model(cfg.model.name)
+def warm_model(cfg: Config, run_path: Path) -> tuple[str | Path, dict | None]:
+    """What RL starts from: the configured model's name (each learner rank resolves it on its own
+    node), or its warm start, made once per run in the run directory, which every node shares."""
     if not cfg.train.warmstart.enabled:
-        return base, None
+        return cfg.model.name, None
     out = run_path / "warmstart"
     if (out / "config.json").is_file():  # a resumed run reuses its warm start
         return out, {"reused": True}
-    return out, run_warmstart(cfg, base, out)
+    return out, run_warmstart(cfg, cfg.model.name, out)
 
 
 def sft_rows(cfg: Config, model_dir: Path, conversations: list[Conversation]):
@@ -58,11 +58,12 @@ def _node_cpus() -> float:
     return min(largest, os.cpu_count() or 1)
 
 
-def run_warmstart(cfg: Config, base: Path, out: Path) -> dict:
+def run_warmstart(cfg: Config, base: str | Path, out: Path) -> dict:
+    """`base`: a model name or a folder every node sees; `out` must be one too (the ranks write it)."""
     start = time.perf_counter()
     ws = cfg.train.warmstart
     conversations = load_dataset(DataConfig(source="synthetic", synth=ws.synth))
-    rows = sft_rows(cfg, base, conversations)
+    rows = sft_rows(cfg, resolve_model(str(base)), conversations)  # the driver's own copy, for its tokenizer
     steps = ws.epochs * math.ceil(rows.num_rows / ws.mini_batch)
     learner_cfg = cfg.learner.model_copy(update={
         "lr": ws.lr, "lr_schedule": "cosine", "lr_warmup_steps": ws.warmup_steps, "lr_total_steps": steps,

@@ -147,14 +147,13 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from actors.fleet.cluster import init_ray
-    from actors.engines.models import resolve_model
     from common.config import load_config
     from learner.deepspeed_learner import rank_resources
     from learner.warmstart import run_warmstart
 
     cfg = load_config(args.config, args.overrides)
     init_ray(cfg.cluster, {"learner rank": [rank_resources(cfg.learner)] * cfg.learner.num_ranks})
-    print(json.dumps(run_warmstart(cfg, resolve_model(cfg.model.name), Path(args.out))))
+    print(json.dumps(run_warmstart(cfg, cfg.model.name, Path(args.out))))
     return 0
 
 

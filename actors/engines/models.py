@@ -189,12 +189,13 @@ def default_models_dir(models_dir: str | Path | None = None) -> Path:
 
 
 def _from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-    except Exception as err:  # offline machines, unknown ids, gated repos: one line saying which
-        raise ValueError(f"model {repo_id!r}: no local checkpoint and the hub download failed ({type(err).__name__})") from None
+    except Exception as err:  # offline machines, unknown ids, gated repos: one line saying which, and where
+        raise ValueError(f"model {repo_id!r}: no local checkpoint and the hub download failed ({type(err).__name__}; "
+                         f"this node's hub cache is {constants.HF_HUB_CACHE})") from None
 
 
 def _kind(name: str) -> str:
@@ -228,7 +229,10 @@ def check_model_name(name: str) -> None:
 
 def resolve_model(name: str, models_dir: str | Path | None = None) -> Path:
     """'tiny'/'smollm2' -> built once under the models dir; a checkpoint dir as it is; an
-    "org/name" hub id (GPU clusters with hub access) -> downloaded once into the HF cache."""
+    "org/name" hub id -> downloaded once into the HF cache (HF_HOME), or found there offline.
+
+    The folder is this node's: every actor (rollout worker, learner rank) resolves the name itself,
+    and only names, or folders on a file system every node shares, travel between nodes."""
     kind = _kind(name)
     if kind == "folder":
         return Path(name).expanduser()

@@ -42,8 +42,8 @@ def _start_or_join(cfg: ClusterConfig, cpus_needed: float) -> None:
     ray.init(
         address=cfg.address,
         num_cpus=(cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed))) if local else None,
-        # A job joining a cluster brings its own runtime env (deploy/runtime_env.yaml sets the same
-        # variables); Ray refuses to merge a second one into it.
+        # A job joining a cluster brings its own runtime env (deploy/runtime_env.yaml); Ray
+        # refuses to merge a second one into it.
         runtime_env={"env_vars": ACTOR_ENV} if local else None,
         include_dashboard=False if local else None,
         log_to_driver=cfg.log_to_driver,
