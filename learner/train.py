@@ -82,6 +82,7 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     out = RunDir(cfg, resume)
     data = load_data(cfg)
     init_ray(cfg.cluster, job_asks(cfg))
+    check_fits(cfg, gpu_memory_gb, ask_cluster=True)  # the GPUs are on other nodes than the driver's
     model, warm = warm_model(cfg, out.path)  # a name or a run-dir folder: each rank resolves it on its node
     stages = cfg.curriculum.stages
     val_horizon = stages[-1].horizon  # every validation on the final task, so all are comparable

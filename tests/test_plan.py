@@ -97,3 +97,11 @@ def test_the_plan_holds_against_a_real_learner_step_on_cpu():
     assert {c["gradient_checkpointing"] for c in cases} == {True, False}
     for c in cases:
         assert 0.8 <= c["ratio"] <= 1.25, c
+
+
+@pytest.mark.slow
+def test_without_a_gpu_size_anywhere_nothing_is_checked_and_a_cpu_cluster_has_none(ray_local):
+    from learner.plan import cluster_gpu_memory_gb
+
+    assert cluster_gpu_memory_gb(timeout_s=1) is None  # no GPU in the cluster: no probe task
+    check_fits(load_config(PAPER, ["learner.gradient_checkpointing=false"]), None, ask_cluster=True)
