@@ -359,8 +359,10 @@ class RolloutFleet:
         """Start-up: wait for n workers, or go on with those live once the rest are unplaced past
         cluster.placement_timeout_s (they stay pending: demand for the autoscaler)."""
         rnd = _Round()
-        while len(self.live()) < n and not (self.live() and not self.budget.awaited(self.slots.values(), time.monotonic())):
-            self._tick(rnd)
+        while len(self.live()) < n:
+            self._tick(rnd)  # first: it starts the workers still missing (a replacement), so they count
+            if self.live() and not self.budget.awaited(self.slots.values(), time.monotonic()):
+                break
 
     def _check_starts(self, rnd: _Round) -> None:
         """The start budgets: an engine not ready in time is a failed start; no worker live or
