@@ -78,7 +78,10 @@ def test_plan_json_on_the_command_line(capsys):
     assert {"gpus", "per_gpu_gb", "components"} <= set(plan["roles"]["learner"]) & set(plan["roles"]["rollout"])
 
 
-def test_an_unknown_hub_model_asks_for_its_config(tmp_path, capsys):
+def test_an_unknown_hub_model_asks_for_its_config(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no hub is reachable here
     assert main(["plan", "model.name=acme/nothing-7b", "--gpu-memory-gb", "80"]) == 2
     assert "pass --model-config FILE" in capsys.readouterr().err
     config = tmp_path / "config.json"

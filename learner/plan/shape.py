@@ -85,7 +85,8 @@ class ModelShape:
 
 
 def load_shape(name: str, model_config: str | None = None) -> ModelShape:
-    """From --model-config, a local folder, the local hub cache, the embedded builders, or KNOWN."""
+    """From --model-config, a local folder, the embedded builders, the local hub cache, KNOWN, or
+    the hub itself where it answers."""
     if model_config:
         return ModelShape.from_config(name, _read(Path(model_config)))
     from actors.engines.models import BUILDERS, resolve_model
@@ -102,7 +103,22 @@ def load_shape(name: str, model_config: str | None = None) -> ModelShape:
         return ModelShape.from_config(name, _read(Path(cached)))
     if name in KNOWN:
         return ModelShape.from_config(name, KNOWN[name])
-    raise ValueError(f"model {name}: no config.json here or in the hub cache; pass --model-config FILE")
+    fetched = _from_hub(name)
+    if fetched is not None:
+        return ModelShape.from_config(name, _read(fetched))
+    raise ValueError(f"model {name}: no config.json here, in the hub cache or from the hub; pass --model-config FILE")
+
+
+def _from_hub(name: str) -> Path | None:
+    """config.json alone (a few KB) where a hub answers; None offline or unknown."""
+    from huggingface_hub import constants, hf_hub_download
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return Path(hf_hub_download(name, "config.json", etag_timeout=5))
+    except Exception:  # noqa: BLE001 - unreachable, unknown or gated: the caller says what to do
+        return None
 
 
 def _read(path: Path) -> dict:
