@@ -104,11 +104,12 @@ def micro_batch_candidates(cfg: Config, shortest_prompt: int) -> list[MicroBatch
     longer than the budget goes alone (a full context), or the budget is filled with the rows
     richest in response tokens: the shortest prompts with the longest replies. Without one,
     learner.micro_batch rows all padded to the full context."""
-    context, reply = cfg.model.max_prompt_tokens, cfg.rollout.max_new_tokens
+    longest_prompt, reply = cfg.model.max_prompt_tokens, cfg.rollout.max_new_tokens
     budget = cfg.learner.max_tokens_per_micro_batch
     if budget is None:
-        return [MicroBatch.of(cfg.learner.micro_batch, context, reply)]
-    return [MicroBatch.of(1, context, reply), MicroBatch.of(max(1, budget // (shortest_prompt + reply)), shortest_prompt, reply)]
+        return [MicroBatch.of(cfg.learner.micro_batch, longest_prompt, reply)]
+    filled = MicroBatch.of(max(1, budget // (shortest_prompt + reply)), shortest_prompt, reply)
+    return [MicroBatch.of(1, longest_prompt, reply), filled]
 
 
 def largest_activations(shape: ModelShape, micros: list[MicroBatch], checkpointing: bool, bf16: bool,
