@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from actors.engines.models import ChatEngineBase, resolve_model
+from actors.agent.prompts import context_tokens
 from actors.agent.supervision import supervised_examples
 from common.config import Config, DataConfig
 from common.data import load_dataset
@@ -36,7 +37,7 @@ def warm_model(cfg: Config, run_path: Path) -> tuple[str | Path, dict | None]:
 
 
 def sft_rows(cfg: Config, model_dir: Path, conversations: list[Conversation]):
-    tok = ChatEngineBase(model_dir, cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    tok = ChatEngineBase(model_dir, context_tokens(cfg))
     end = tok.tokenizer.eos_token_id
     samples = []
     for conv in conversations:

@@ -46,6 +46,11 @@ class StartBudget:
         slots = list(slots)
         return all(s.placed_at is None for s in slots) and any(self.unplaced_too_long(s, now) for s in slots)
 
+    def unplaceable(self, need: str, have: dict[str, float]) -> str:
+        """The one line for a worker no node could take within the placement budget."""
+        return (f"no rollout worker ({need}) could be placed within {self.placement_s:g} s (cluster.placement_timeout_s; "
+                f"the cluster has {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU): add nodes or lower rollout.*_per_actor")
+
     def awaited(self, slots: Iterable[Starting], now: float) -> list[Starting]:
         """Workers not live yet that are worth waiting for at start-up: placed ones (their start is
         bounded) and unplaced ones within the placement budget. The rest stay pending as demand

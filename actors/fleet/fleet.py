@@ -372,10 +372,8 @@ class RolloutFleet:
             self._start_failed(slot, rnd, f"engine not ready {self.budget.start_s:g} s after placement (cluster.worker_start_timeout_s)")
         if not self.budget.none_placeable(self.slots.values(), now):
             return
-        have = ray.cluster_resources()
         need = ", ".join(f"{v:g} {k}" for k, v in worker_resources(self.cfg).items() if v > 0)
-        raise ValueError(f"no rollout worker ({need}) could be placed within {self.budget.placement_s:g} s (cluster.placement_timeout_s; "
-                         f"the cluster has {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU): add nodes or lower rollout.*_per_actor")
+        raise ValueError(self.budget.unplaceable(need, ray.cluster_resources()))
 
     # ------------------------------------------------------------------ bookkeeping
 

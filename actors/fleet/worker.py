@@ -26,6 +26,7 @@ import torch
 from actors.agent.answer_agent import make_answer_agent
 from actors.agent.episode import EpisodeRunner, Lane
 from actors.agent.groups import EvalResult, GlobalResult, GroupCollector, LocalResult
+from actors.agent.prompts import context_tokens
 from actors.engines.base import Generation, Request, SamplingSpec
 from actors.engines.factory import make_engine
 from actors.engines.models import resolve_model
@@ -55,7 +56,7 @@ class RolloutWorker:
             resolve_model(cfg.model.name),
             cfg.rollout.engine,
             seed=cfg.seed,  # every request carries its own seed; this one only covers unseeded ones
-            max_model_len=cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens,
+            max_model_len=context_tokens(cfg),
             dtype=cfg.model.dtype,
             **({"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization} if cfg.rollout.engine == "vllm" else {}),
         )

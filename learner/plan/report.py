@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from actors.agent.prompts import context_tokens
 from actors.fleet.scaling import autoscale_bounds
 from common.config import Config
 from learner.engine import resolve_on_off
@@ -41,7 +42,7 @@ def make_plan(cfg: Config, gpu_memory_gb: float | None = None, model_config: str
         "checkpoint_gb": checkpoint / GB,
         "checkpoint_disk_peak_gb": disk / GB,
         "weight_sync_gb": (4 if cfg.model.dtype == "float32" else 2) * shape.params / GB,
-        "context_tokens": cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens,
+        "context_tokens": context_tokens(cfg),
         "prompts": prompts,
     }
     plan["fits"] = None if gpu_memory_gb is None else not _problems(plan)
@@ -95,7 +96,7 @@ def _rollout_role(cfg: Config, shape: ModelShape, gpu_gb: float | None) -> dict:
         role |= {"per_gpu_gb": None, "components": {"weights": 2 * shape.params / GB}, "kv_cache_tokens": None}
         return role
     parts, tokens = mem.engine_components(cfg, shape, gpu_gb)
-    context = cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens
+    context = context_tokens(cfg)
     return role | {"per_gpu_gb": sum(parts.values()) / GB, "components": {k: v / GB for k, v in parts.items()},
                    "kv_cache_tokens": tokens, "full_context_sequences": tokens // context}
 
@@ -141,7 +142,6 @@ def _problems(plan: dict) -> list[str]:
 def _tokenizer(cfg: Config):
     """(chat tokenizer, whose) for counting prompts: the model's own where its folder is here,
     else the embedded SmolLM2's if built (a proxy: an English BPE of a similar rate), else None."""
-    from actors.agent.prompts import context_tokens
     from actors.engines.models import BUILDERS, ChatEngineBase, default_models_dir, resolve_model
 
     own = resolve_model(cfg.model.name) if cfg.model.name in BUILDERS else Path(cfg.model.name).expanduser()
