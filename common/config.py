@@ -104,6 +104,12 @@ class AnswerAgentConfig(Section):
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(64, ge=1)
+    timeout_s: float = Field(60.0, gt=0)  # openai: one request's limit; a request past it is retried
+    # openai: how long a request is retried (transient errors: refused, timeout, 408/409/429, 5xx;
+    # backoff capped at 15 s) from its first failure before the run stops with EndpointDown. The
+    # rollout waits meanwhile, so keep it below cluster.task_timeout_s (1800 s), past which the
+    # fleet drops a silent worker as hung (actors.agent.answer_agent).
+    outage_timeout_s: float = Field(600.0, gt=0)
 
     @model_validator(mode="after")
     def _endpoint_complete(self) -> AnswerAgentConfig:
@@ -176,6 +182,12 @@ class LearnerConfig(Section):
     # buckets are fresh allocations every sync (slower than the object store for SmolLM2), and
     # 1 GiB on GPU (vLLM's own default).
     weight_bucket_mb: int | None = Field(None, ge=1)
+    # A rank that dies (RayActorError) or answers no call for timeout_s (a hang in a collective)
+    # is recovered inside the job: a new set of ranks, the last checkpoint, the updates since it
+    # replayed, the interrupted call repeated (learner.deepspeed_learner). After max_restarts in
+    # one run the job stops. timeout_s bounds every call: the longest update, checkpoint or sync.
+    max_restarts: int = Field(3, ge=0)
+    timeout_s: float | None = Field(3600.0, gt=0)
 
     @field_validator("bf16", "gradient_checkpointing", mode="before")
     @classmethod
@@ -202,6 +214,13 @@ class CurriculumConfig(Section):
     # a laptop's 15 minutes); the paper's 8 -> 16 -> 32 (10/5/5 epochs) is in deploy/paper.yaml.
     stages: list[Stage] = [Stage(horizon=2, epochs=1)]
     val_every: int = Field(1, ge=1)  # validate every N epochs
+
+    @field_validator("stages")
+    @classmethod
+    def _at_least_one_stage(cls, stages: list[Stage]) -> list[Stage]:
+        if not stages:  # an empty curriculum would start the warm start and then train nothing
+            raise ValueError("needs at least one stage, e.g. [{horizon: 2, epochs: 1}]")
+        return stages
 
 
 class WarmstartConfig(Section):
@@ -264,7 +283,9 @@ class JudgeConfig(Section):
     max_tokens: int = Field(128, ge=1)
     concurrency: int = Field(8, ge=1)  # requests in flight
     timeout_s: float = Field(60.0, gt=0)
-    retries: int = Field(2, ge=0)  # per request, on transient errors (rate limits, timeouts)
+    # A request that fails transiently (refused, timeout, 408/409/429, 5xx) is retried for this
+    # long from its first failure, then the eval stops (actors.eval.judge); 4xx stop it at once.
+    outage_timeout_s: float = Field(600.0, gt=0)
 
     @model_validator(mode="after")
     def _model_with_url(self) -> JudgeConfig:

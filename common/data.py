@@ -90,7 +90,12 @@ def _session(conv: dict, n: int, where: str) -> Session:
         )
         for i, t in enumerate(turns)
     )
-    return Session(index=n, date_time=str(conv.get(f"session_{n}_date_time", "")), turns=parsed)
+    date = conv.get(f"session_{n}_date_time")
+    date = "" if date is None else str(date)
+    if parsed and not date.strip():  # the extractor's prompt dates every session; an empty date is a data bug
+        state = "missing" if f"session_{n}_date_time" not in conv else "empty"
+        raise DataError(f"{where}.session_{n}_date_time: {state}, but session_{n} has {len(parsed)} turn(s)")
+    return Session(index=n, date_time=date, turns=parsed)
 
 
 def _qa(q: Any, where: str) -> QA:

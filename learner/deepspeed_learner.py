@@ -13,22 +13,36 @@ learner.batching for how rows are split and learner.ranks for the exact pooled g
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.fleet.fleet import one_line
 from common.config import AlgoConfig, LearnerConfig
 from learner.batching import mini_batches_per_epoch, split_round_robin
 from learner.engine import grad_accumulation
 from learner.logo_grpo import with_advantages
 from learner.ranks import LearnerRank
+
+log = logging.getLogger("memr2.learner")
+POLL_S = 5.0  # how often a call in flight checks that every rank's node is still there
+
+
+class LearnerLost(RuntimeError):
+    """A rank died or went silent: Learner.recover starts a new set."""
+
+
+class LearnerFailed(RuntimeError, ValueError):
+    """More losses than learner.max_restarts: a ValueError too, so the CLI ends with its one line."""
 
 
 def rank_resources(cfg: LearnerConfig) -> dict[str, float]:
@@ -41,6 +55,8 @@ class Learner:
     as it is: each rank resolves it on its own node (actors.engines.models.resolve_model), as
     rollout workers do, so no folder that exists on the driver's node alone reaches another node.
     A folder must be one every rank's node sees (the run directory: the warm start, a best)."""
+
+    rank_class = LearnerRank  # tests put a rank in its place that fails as a disk or a node does
 
     def __init__(
         self,
@@ -55,31 +71,131 @@ class Learner:
         self.version = 0  # policy version: bumped by every train() call, stamped on trajectories
         self.train_calls = 0
         self.transfer_group = None  # the collective weight sync's group, kept by learner.weight_sync
-        need = rank_resources(cfg)
-        threads = max(1, int(cfg.cpus_per_rank))
+        # In-job recovery (recover): where new ranks start from, and what changed them since.
+        self.checkpoint: tuple[str, str] | None = None  # (directory, tag) last saved or loaded
+        self.journal: list[Callable[[], Any]] = []  # weight changes since it, to replay in order
+        self.restarts = 0  # rank sets started again after a loss
+        self._restarts_reported = 0
+        self.group, self.ranks = None, []
+        start = time.perf_counter()
+        self._start_ranks()
+        self.startup_s = time.perf_counter() - start  # as the driver sees it, incl. actor start
+
+    def _start_ranks(self) -> None:
+        need = rank_resources(self.cfg)
+        threads = max(1, int(self.cfg.cpus_per_rank))
         # One placement group, PACK: the ranks share a node wherever one holds them all, so ZeRO's
         # reduce-scatter of every step stays off the network (Ray's default packing may split them).
-        self.group = placement_group([{k: v for k, v in need.items() if v > 0}] * cfg.num_ranks, strategy="PACK")
-        actor = ray.remote(LearnerRank)
-        self.ranks = [actor.options(num_cpus=need["CPU"], num_gpus=need["GPU"], resources=dict(cfg.resources),
+        self.group = placement_group([{k: v for k, v in need.items() if v > 0}] * self.cfg.num_ranks, strategy="PACK")
+        actor = ray.remote(self.rank_class)
+        self.ranks = [actor.options(num_cpus=need["CPU"], num_gpus=need["GPU"], resources=dict(self.cfg.resources),
                                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r))
-                      .remote(r, cfg.num_ranks, threads) for r in range(cfg.num_ranks)]
-        start = time.perf_counter()
+                      .remote(r, self.cfg.num_ranks, threads) for r in range(self.cfg.num_ranks)]
         try:
             master = self._rendezvous()
-            setup = [r.setup.remote(master, model, algo.model_dump(), cfg.model_dump()) for r in self.ranks]
-            self.setup_s = max(ray.get(setup))  # inside the ranks: process group + engine
+            setup = [r.setup.remote(master, self.model, self.algo.model_dump(), self.cfg.model_dump()) for r in self.ranks]
+            self.setup_s = max(self._wait(setup))  # inside the ranks: process group + engine
         except BaseException:
             self.shutdown()  # ranks that did join would wait for the others until the pg timeout
             raise
-        self.startup_s = time.perf_counter() - start  # as the driver sees it, incl. actor start
 
     def _rendezvous(self) -> tuple[str, int]:
         """Rank 0 hosts the process group; loopback when every rank shares its node."""
-        ip, port = ray.get(self.ranks[0].address.remote())
-        ips = ray.get([r.address.remote() for r in self.ranks[1:]])
+        ip, port = self._wait([self.ranks[0].address.remote()])[0]
+        ips = self._wait([r.address.remote() for r in self.ranks[1:]])
         same_node = all(other_ip == ip for other_ip, _ in ips)
         return ("127.0.0.1" if same_node else ip), port
+
+    # ------------------------------------------------------------------ a lost rank
+
+    def _on_ranks(self, call: Callable[[], list[ray.ObjectRef]]) -> list:
+        """The results of `call` (which sends one method to ranks). A rank lost meanwhile: the
+        ranks are recovered to the state before the call, and it is sent again."""
+        while True:
+            try:
+                return self._wait(call())
+            except LearnerLost as lost:
+                self.recover(str(lost))
+
+    def _wait(self, refs: list[ray.ObjectRef]) -> list:
+        """Every result, or LearnerLost as soon as a rank is seen dead or all stay silent past
+        learner.timeout_s (a rank whose peer died may block in a collective until gloo's or
+        NCCL's own timeout, 30 min, so a hang is a loss too)."""
+        pending, timeout = list(refs), self.cfg.timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            left = POLL_S if deadline is None else min(POLL_S, max(0.0, deadline - time.monotonic()))
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready and deadline is not None and time.monotonic() >= deadline:
+                raise LearnerLost(f"a learner rank answered nothing for {timeout:g} s (learner.timeout_s)")
+            if not ready:
+                self._check_nodes()
+                continue
+            try:
+                ray.get(ready[0])
+            except RayActorError as err:
+                raise LearnerLost(f"a learner rank died: {one_line(err)}") from None
+            except RayTaskError as err:
+                # The survivors of a dead rank fail in their next collective: a loss, not a bug.
+                if self._any_dead(pending):
+                    raise LearnerLost(f"a learner rank died: {one_line(err)}") from None
+                raise
+        return ray.get(list(refs))
+
+    def _check_nodes(self) -> None:
+        """A rank's node lost: its call may never fail (the survivors wait in a collective until
+        gloo's 10-minute timeout), but the placement group says so at once."""
+        if self.group is not None and ray.util.placement_group_table(self.group).get("state") != "CREATED":
+            raise LearnerLost("a learner rank's node was lost (its placement group is being rescheduled)")
+
+    @staticmethod
+    def _any_dead(refs: list[ray.ObjectRef], grace_s: float = 10.0) -> bool:
+        """Whether any of these calls ends with its rank dead (Ray takes a moment to tell)."""
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=grace_s) if refs else ([], [])
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                return True
+            except RayTaskError:
+                pass
+        return False
+
+    def lost_rank(self) -> bool:
+        """Whether a rank is dead (a call that failed elsewhere, as a weight sync, asks)."""
+        return self._any_dead([r.address.remote() for r in self.ranks])
+
+    def recover(self, why: str) -> None:
+        """A new set of ranks (new placement group, new rendezvous) in the state the old one had
+        after its last completed call: the last checkpoint (or the initial model), then every
+        update and weight load since it, replayed from the same rows and seeds. Exact where the
+        updates are deterministic (fp32: learner.bf16=off). The weight-transfer group is formed
+        again at the next sync (weight_sync compares `restarts`)."""
+        version, calls = self.version, self.train_calls
+        while True:
+            if self.restarts >= self.cfg.max_restarts:
+                raise LearnerFailed(f"learner ranks lost {self.restarts + 1} time(s), more than learner.max_restarts="
+                                    f"{self.cfg.max_restarts}; the last: {why}")
+            self.restarts += 1
+            log.warning("memr2: %s; learner restart %d: new ranks from %s, %d update(s) replayed",
+                        why, self.restarts, self.checkpoint[1] if self.checkpoint else "the initial model", len(self.journal))
+            self.shutdown()
+            try:
+                self._start_ranks()
+                if self.checkpoint:
+                    self._wait([r.load_checkpoint.remote(*self.checkpoint) for r in self.ranks])
+                for redo in self.journal:
+                    redo()
+                self._wait([r.set_version.remote(version) for r in self.ranks])
+                break
+            except LearnerLost as again:
+                why = str(again)
+        self.version, self.train_calls = version, calls
+
+    def take_restarts(self) -> int:
+        """Restarts since the last call (a metrics row's share)."""
+        new, self._restarts_reported = self.restarts - self._restarts_reported, self.restarts
+        return new
 
     # ------------------------------------------------------------------ training
 
@@ -96,11 +212,17 @@ class Learner:
 
     def update(self, batch: pa.Table, objective: str = "logo_grpo") -> dict[str, float]:
         """One update over rows that carry their advantages; rank 0's (all-reduced) metrics.
-        objective "sft" (the warm start) maximises the responses' token-mean log-likelihood."""
-        shards = split_round_robin(batch, self.cfg.num_ranks)
+        objective "sft" (the warm start) maximises the responses' token-mean log-likelihood.
+        The shards stay in the object store until the next checkpoint: a restart replays them."""
+        shards = [ray.put(s) for s in split_round_robin(batch, self.cfg.num_ranks)]
         n_mini = mini_batches_per_epoch(batch.num_rows, self.cfg.mini_batch)
-        seed = self.seed * 1_000_003 + self.train_calls
-        results = ray.get([r.train.remote(s, n_mini, seed, objective, self.version + 1) for r, s in zip(self.ranks, shards)])
+        seed, version = self.seed * 1_000_003 + self.train_calls, self.version + 1
+
+        def send() -> list[ray.ObjectRef]:
+            return [r.train.remote(s, n_mini, seed, objective, version) for r, s in zip(self.ranks, shards)]
+
+        results = self._on_ranks(send)
+        self.journal.append(lambda: self._wait(send()))
         self.train_calls += 1
         self.version += 1
         metrics = dict(results[0])
@@ -114,9 +236,10 @@ class Learner:
     def publish_weights(self) -> list:
         """The full weights put in the object store by rank 0 (every rank joins: ZeRO-3 gathers);
         returned wrapped in a list so the ref, not the weights, travels to the rollout workers."""
-        return next(w for w in ray.get([r.put_state_dict.remote() for r in self.ranks]) if w is not None)
+        return next(w for w in self._on_ranks(lambda: [r.put_state_dict.remote() for r in self.ranks]) if w is not None)
 
     # ------------------------------------------------------------------ collective weight sync
+    # Not recovered here: a rank lost in a sync fails it, and learner.weight_sync recovers.
 
     def _gathering_ranks(self) -> list:
         """The ranks a full copy of the weights needs: all under ZeRO-3 (they gather), else rank 0."""
@@ -124,11 +247,11 @@ class Learner:
 
     def open_transfer_port(self) -> tuple[str, int, str]:
         """Rank 0's (ip, port, backend) for a new group; the port listens until the group forms."""
-        return ray.get(self.ranks[0].open_transfer_port.remote())
+        return self._wait([self.ranks[0].open_transfer_port.remote()])[0]
 
     def init_weight_transfer(self, workers: list, address: tuple[str, int], dtype: str | None) -> int:
         """A new group of rank 0 and `workers` (engine i at rank 1 + i); bytes one sync sends."""
-        return ray.get([r.init_weight_transfer.remote(workers, address, dtype) for r in self._gathering_ranks()])[0]
+        return self._wait([r.init_weight_transfer.remote(workers, address, dtype) for r in self._gathering_ranks()])[0]
 
     def send_weights(self) -> list[ray.ObjectRef]:
         """Rank 0 broadcasts the current weights to its group; refs to wait on."""
@@ -140,28 +263,35 @@ class Learner:
         return self._gathering_ranks()
 
     def close_weight_transfer(self) -> None:
-        ray.get([r.close_weight_transfer.remote() for r in self.ranks])
+        self._wait([r.close_weight_transfer.remote() for r in self.ranks])
 
     # ------------------------------------------------------------------ weights
 
     def logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Current policy's response logprobs on rank 0 (ranks hold identical weights)."""
-        if self.cfg.zero_stage == 3:  # a ZeRO-3 forward gathers parameters: every rank joins
-            return ray.get([r.logprobs.remote(prompts, responses) for r in self.ranks])[0]
-        return ray.get(self.ranks[0].logprobs.remote(prompts, responses))
+        ranks = self.ranks if self.cfg.zero_stage == 3 else self.ranks[:1]  # a ZeRO-3 forward gathers: all join
+        return self._on_ranks(lambda: [r.logprobs.remote(prompts, responses) for r in ranks])[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return ray.get([r.state_dict.remote() for r in self.ranks])[0]
+        return self._on_ranks(lambda: [r.state_dict.remote() for r in self.ranks])[0]
 
     def rank_state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Every rank's full weights (tests: data-parallel ranks must agree)."""
-        return ray.get([r.state_dict.remote(on_every_rank=True) for r in self.ranks])
+        return self._on_ranks(lambda: [r.state_dict.remote(on_every_rank=True) for r in self.ranks])
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
         """DeepSpeed checkpoint (weights, optimizer, our counters); every rank writes its
-        partition, so across nodes `directory` must be on a shared file system."""
+        partition, so across nodes `directory` must be on a shared file system. A restart
+        starts from it from now on."""
         state = {"version": self.version, "train_calls": self.train_calls, "seed": self.seed}
-        ray.get([r.save_checkpoint.remote(directory, tag, state) for r in self.ranks])
+        self._on_ranks(lambda: [r.save_checkpoint.remote(directory, tag, state) for r in self.ranks])
+        self.checkpoint, self.journal = (directory, tag), []
+
+    def checkpoint_bytes(self, weights_only: bool = False) -> int:
+        """What one checkpoint writes, every rank's files together, or a model folder's weights
+        (weights_only): a write that fails says what it needed."""
+        parts = self._on_ranks(lambda: [r.checkpoint_bytes.remote() for r in self.ranks])
+        return sum(w for w, _ in parts) + (0 if weights_only else sum(o for _, o in parts))
 
     def load_checkpoint(self, directory: str, tag: str, *, as_new_version: bool = False) -> None:
         """Weights, optimizer state, policy version and the shuffle counter of a saved run.
@@ -169,24 +299,31 @@ class Learner:
         as_new_version: going back to earlier weights within a run (a curriculum stage restarting
         from the best checkpoint) publishes them as the next version, with the counters running
         on: versions only grow, so no trajectory's version can name two different policies."""
-        states = ray.get([r.load_checkpoint.remote(directory, tag) for r in self.ranks])
+        states = self._on_ranks(lambda: [r.load_checkpoint.remote(directory, tag) for r in self.ranks])
         if as_new_version:
             self.version += 1
+            self.journal.append(lambda: self._wait([r.load_checkpoint.remote(directory, tag) for r in self.ranks]))
         else:
             self.version = int(states[0].get("version", 0))
             self.train_calls = int(states[0].get("train_calls", 0))
-        ray.get([r.set_version.remote(self.version) for r in self.ranks])
+            self.checkpoint, self.journal = (directory, tag), []
+        self._on_ranks(lambda: [r.set_version.remote(self.version) for r in self.ranks])
 
     def save_pretrained(self, directory: str) -> None:
-        ray.get([r.save_pretrained.remote(directory) for r in self.ranks])
+        self._on_ranks(lambda: [r.save_pretrained.remote(directory) for r in self.ranks])
 
     def load_pretrained(self, directory: str) -> None:
         """The weights of a model folder (save_pretrained's) on every rank, with fresh optimizer
         state: a curriculum stage restarting from the best weights starts a new optimization.
         Published as the next version, the counters running on (see load_checkpoint)."""
-        ray.get([r.load_pretrained.remote(directory) for r in self.ranks])
+
+        def send() -> list[ray.ObjectRef]:
+            return [r.load_pretrained.remote(directory) for r in self.ranks]
+
+        self._on_ranks(send)
+        self.journal.append(lambda: self._wait(send()))
         self.version += 1
-        ray.get([r.set_version.remote(self.version) for r in self.ranks])
+        self._on_ranks(lambda: [r.set_version.remote(self.version) for r in self.ranks])
 
     def shutdown(self) -> None:
         for r in self.ranks:

@@ -237,6 +237,18 @@ class LearnerRank:
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
 
+    def checkpoint_bytes(self) -> tuple[int, int]:
+        """What this rank's part of a checkpoint holds: the weights (rank 0 writes them; they are
+        also a model folder's size) and its optimizer partition (fp32 master copy, Adam moments)."""
+        def size(tensors) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+        optimizer = self.engine.optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)
+        states = size(v for state in inner.state.values() for v in state.values())
+        masters = size(getattr(optimizer, "single_partition_of_fp32_groups", []))
+        return (size(self.engine.module.state_dict().values()) if self.rank == 0 else 0), states + masters
+
     def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
         path, client_state = self.engine.load_checkpoint(directory, tag=tag)
         if path is None:

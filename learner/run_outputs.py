@@ -9,6 +9,8 @@ import re
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,6 +36,11 @@ class TrainState:
 
 
 Resume = Literal["never", "always", "auto"]
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint or model folder that could not be written: one line at the CLI."""
+
 # What prune() manages: step checkpoints (checkpoints/step<n>) and best folders (best-stage<k>-step<n>).
 PRUNED = re.compile(r"(best-stage\d+-)?step(\d+)")
 
@@ -91,6 +98,25 @@ class RunDir:
         tmp.write_text(json.dumps(asdict(state), indent=1))
         tmp.replace(self.path / "state.json")  # atomic: a kill never leaves half a state
         self.saved_step = state.step
+
+    @contextmanager
+    def writing(self, folder: Path, need_bytes: int) -> Iterator[None]:
+        """A write into `folder` (and the state naming it) that fails (a full disk, a read-only
+        mount) removes what it wrote and stops the run in one line: the previous checkpoint and
+        the state naming it are untouched, so `--resume auto` continues from that step."""
+        try:
+            yield
+        except OSError as err:  # also a rank's: Ray raises its error as an instance of the cause
+            from actors.fleet.fleet import one_line
+
+            shutil.rmtree(folder, ignore_errors=True)
+            (self.path / "state.json.tmp").unlink(missing_ok=True)
+            free = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+            resume = f"step {self.saved_step}" if self.saved_step >= 0 else "the start"
+            raise CheckpointWriteError(
+                f"could not write {folder} ({one_line(err)}): it needs {need_bytes / 1e9:.3f} GB, the file system has "
+                f"{free / 1e9:.3f} GB free; removed what was written; `--resume auto` continues from {resume}"
+            ) from None
 
     def prune(self, best: str | None = None) -> None:
         """Remove the weights no resume can need. Of the step checkpoints the state on disk covers

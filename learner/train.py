@@ -8,9 +8,11 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
+from actors.agent.answer_agent import check_answer_agent
 from actors.agent.episode import request_seed
 from actors.engines.models import check_model_name
 from actors.fleet.cluster import Asks, fleet_asks, init_ray
@@ -50,6 +52,7 @@ def train_step(fleet: RolloutFleet, learner: Learner, conversations: list[Conver
         **{k: update[k] for k in ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "policy_version") if k in update},
         "live_workers": len(fleet.live()),
         **fleet.take_faults(),  # worker_failures, tasks_retried, duplicate_results in this step
+        "learner_restarts": learner.take_restarts(),  # rank sets recovered in this step
     }
 
 
@@ -65,6 +68,8 @@ def validate(fleet: RolloutFleet, conversations: list[Conversation], horizon: in
         "val_f1_per_question": f1s,
         "val_m_fail": statistics.fmean(s.m_fail for s in scores),
         "val_format_failures": sum(r.stats.format_failures for r in results),
+        "val_answer_retries": sum(r.stats.answer_retries for r in results),
+        "val_answer_failures": sum(r.stats.answer_failures for r in results),
     }
 
 
@@ -79,6 +84,7 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     check_sync_mode(cfg)
     check_fits(cfg, gpu_memory_gb)  # before anything starts: a rank out of memory fails after minutes
     check_model_name(cfg.model.name)  # one line here, not a traceback from inside every worker
+    check_answer_agent(cfg.reward.answer_agent)
     out = RunDir(cfg, resume)
     data = load_data(cfg)
     init_ray(cfg.cluster, job_asks(cfg))
@@ -115,7 +121,7 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
             if epoch_done:
                 break
     bar.close()
-    learner.save_pretrained(str(out.policy))  # the final policy as a model folder: `memr2 eval --policy <run dir>`
+    _save_pretrained(out, learner, out.policy)  # the final policy as a model folder: `memr2 eval --policy <run dir>`
     summary = {
         "run": out.name,
         "policy": str(out.policy),
@@ -184,7 +190,7 @@ def _end_epoch(cfg, out, fleet, learner, val, val_horizon, state) -> None:
             # it) go first, so at most two of a stage exist at once.
             out.prune()
             state.best_val_f1, state.best = f1, f"best-stage{state.stage}-step{state.step}"
-            learner.save_pretrained(str(out.path / state.best))
+            _save_pretrained(out, learner, out.path / state.best)
     if state.epoch == stage.epochs:
         state.stage, state.epoch = state.stage + 1, 0
         if state.stage < len(cfg.curriculum.stages) and state.best:
@@ -204,7 +210,14 @@ def _checkpoint(out: RunDir, learner: Learner, state: TrainState) -> None:
     """Weights first under a new tag, then the state naming it: a kill at any point resumes from a
     state and weights of the same step. Then what that state no longer needs goes (out.prune)."""
     out.prune(state.best)  # a killed run's leftovers first: this step's tag may be one of them
-    state.checkpoint = f"step{state.step}"
-    learner.save_checkpoint(str(out.checkpoints), state.checkpoint)
-    out.save_state(state)
+    tag = f"step{state.step}"
+    with out.writing(out.checkpoints / tag, learner.checkpoint_bytes()):
+        learner.save_checkpoint(str(out.checkpoints), tag)
+        state.checkpoint = tag
+        out.save_state(state)
     out.prune(state.best)
+
+
+def _save_pretrained(out: RunDir, learner: Learner, folder: Path) -> None:
+    with out.writing(folder, learner.checkpoint_bytes(weights_only=True)):
+        learner.save_pretrained(str(folder))

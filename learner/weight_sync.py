@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayError
 
 from actors.fleet.fleet import RolloutFleet, Slot, one_line
 from common.config import Config
-from learner.deepspeed_learner import Learner
+from learner.deepspeed_learner import Learner, LearnerLost
 
 log = logging.getLogger("memr2.weight_sync")
 PING_S = 10.0  # at a sync every worker is idle and answers in milliseconds
@@ -40,6 +40,7 @@ class TransferGroup:
     members: tuple[str, ...]  # worker ids; engine i is rank 1 + i
     handles: tuple  # their actor handles
     collective: bool  # False: auto found that these members cannot form one
+    restarts: int = 0  # the learner's restarts when it formed: new ranks need a new group
     bytes: int = 0  # what one sync sends
 
 
@@ -60,7 +61,7 @@ def sync_weights(learner: Learner, fleet: RolloutFleet) -> float:
             sends = learner.send_weights()
             ray.get(fleet.policy_store.publish.remote(learner.version, sources=learner.weight_sources()))
             ray.get(sends)
-    except RayError as err:
+    except (RayError, LearnerLost) as err:
         _lost_member(learner, fleet, slots, err)
         collective = False
     if not collective:
@@ -101,8 +102,9 @@ def _collective_group(learner: Learner, slots: list[Slot]) -> bool:
     if learner.cfg.weight_sync == "object_store" or not slots:
         return False
     ids = tuple(s.worker_id for s in slots)
-    if learner.transfer_group is not None and learner.transfer_group.members == ids:
-        return learner.transfer_group.collective
+    group = learner.transfer_group
+    if group is not None and group.members == ids and group.restarts == learner.restarts:
+        return group.collective
     _tear_down(learner)
     ip, port, backend = learner.open_transfer_port()  # listens until the group forms
     problem = _why_not(slots, (ip, port), backend)
@@ -111,9 +113,9 @@ def _collective_group(learner: Learner, slots: list[Slot]) -> bool:
         if learner.cfg.weight_sync == "collective":
             raise ValueError(f"learner.weight_sync=collective: {problem}")
         log.warning("memr2: weights go through the object store: %s", problem)
-        learner.transfer_group = TransferGroup(ids, (), collective=False)
+        learner.transfer_group = TransferGroup(ids, (), collective=False, restarts=learner.restarts)
         return False
-    group = learner.transfer_group = TransferGroup(ids, tuple(s.handle for s in slots), collective=True)
+    group = learner.transfer_group = TransferGroup(ids, tuple(s.handle for s in slots), True, learner.restarts)
     group.bytes = learner.init_weight_transfer(list(group.handles), (ip, port), slots[0].info["weight_dtype"])
     return True
 
@@ -142,15 +144,19 @@ def _tear_down(learner: Learner) -> None:
             pass
 
 
-def _lost_member(learner: Learner, fleet: RolloutFleet, slots: list[Slot], err: RayError) -> None:
-    """A collective sync failed. Unless a worker died, that is a bug: raised. If the group had
-    started forming or sending, every member is dropped: the others may hold half-loaded weights or
-    wait in a rendezvous or broadcast that will not finish. The fleet replaces them; this sync then
-    goes through the object store, whose push drops any other dead worker, and the replacements
-    pull this version from the policy store."""
+def _lost_member(learner: Learner, fleet: RolloutFleet, slots: list[Slot], err: RayError | LearnerLost) -> None:
+    """A collective sync failed. Unless a worker or a learner rank died, that is a bug: raised. A
+    lost rank: the learner recovers (new ranks, same weights). If the group had started forming or
+    sending, every member is dropped: the others may hold half-loaded weights or wait in a
+    rendezvous or broadcast that will not finish. The fleet replaces them; this sync then goes
+    through the object store, whose push drops any other dead worker, and the replacements pull
+    this version from the policy store."""
     group, learner.transfer_group = learner.transfer_group, None
+    recovered = isinstance(err, LearnerLost) or learner.lost_rank()
+    if recovered:
+        learner.recover(f"{err if isinstance(err, LearnerLost) else one_line(err)} (in a weight sync)")
     learner.close_weight_transfer()  # rank 0 lets go of the group: members blocked in it fail out
-    if not _dead(slots):
+    if not (recovered or _dead(slots)):
         raise err
     if group is not None and group.collective:
         members = [s for s in slots if s.worker_id in group.members]

@@ -11,7 +11,9 @@ def ray_local():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": with none, Ray joins the cluster /tmp/ray/ray_current_cluster names (a
+        # `ray.cluster_utils.Cluster` another test or session has running) and refuses num_cpus.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
 
 

@@ -2,6 +2,7 @@
 real loopback HTTP server, the engine agent with a minimal in-test engine, and the factory."""
 
 import pickle
+import re
 import threading
 
 import pytest
@@ -15,6 +16,7 @@ from actors.agent.answer_agent import (
     build_queries,
     make_answer_agent,
 )
+from actors.agent.endpoint import EndpointDown, RequestCounts
 from actors.engines.base import Generation
 from common.config import AnswerAgentConfig
 from common.types import QA, MemoryItem, Operation
@@ -151,7 +153,7 @@ def test_openai_agent_sends_model_temperature_memories_and_returns_first_lines(s
     monkeypatch.setenv("ANSWER_TEST_KEY", "sk-loopback")
     agent = _agent(server)
     got = agent.answer(_queries("Where does Alice live?", "Who adopted Bandit?", "When did Vera adopt Bandit?"))
-    assert got == ["live", "Bandit", "Bandit"] and agent.failures == 0
+    assert got == ["live", "Bandit", "Bandit"] and agent.counts == RequestCounts()
     assert len(server.requests) == 3
     # Requests run concurrently, so find the one for the Bandit date question by its content.
     (headers, body), = [(h, b) for h, b in zip(server.headers, server.requests)
@@ -167,31 +169,37 @@ def test_openai_agent_sends_model_temperature_memories_and_returns_first_lines(s
     assert clone.answer(_queries("Who adopted Bandit?")) == ["Bandit"] and len(server.requests) == 4
 
 
-def test_openai_agent_retries_transient_errors(server, monkeypatch):
+def test_openai_agent_retries_transient_errors_and_counts_them_per_call(server, monkeypatch):
     monkeypatch.delenv("ANSWER_TEST_KEY", raising=False)
     server.reply.mode = "flaky"
-    agent = _agent(server)
-    assert agent.answer(_queries("Where does Alice live?", "Who adopted Bandit?")) == ["live", "Bandit"]
-    assert agent.failures == 0 and sorted(server.reply.attempts.values()) == [2, 2]
+    agent, counts = _agent(server), RequestCounts()
+    assert agent.answer(_queries("Where does Alice live?", "Who adopted Bandit?"), counts) == ["live", "Bandit"]
+    assert counts == agent.counts == RequestCounts(retries=2, failures=2) and sorted(server.reply.attempts.values()) == [2, 2]
     assert server.headers[0]["authorization"] == "Bearer EMPTY"  # vLLM servers accept any key
+    other = RequestCounts()  # another caller of the same agent counts only its own requests
+    assert agent.answer(_queries("Who adopted Bandit?"), other) == ["Bandit"] and other == RequestCounts()
 
 
-def test_openai_agent_counts_a_request_that_keeps_failing_and_never_raises(server):
-    server.reply.mode = "down"
-    agent = _agent(server, retries=2)
-    assert agent.answer(_queries("Where does Alice live?")) == [""]
-    assert agent.failures == 1 and list(server.reply.attempts.values()) == [3]
-    server.reply.mode = "bad"  # a 400 is not transient: one attempt, counted
-    assert agent.answer(_queries("Who adopted Bandit?")) == [""]
-    assert agent.failures == 2 and server.reply.attempts["Who adopted Bandit?"] == 1
+def test_openai_agent_never_answers_for_a_failed_request(server):
+    server.reply.mode = "down"  # 500s: retried until outage_timeout_s, then one line
+    agent = _agent(server, outage_timeout_s=0.3)
+    with pytest.raises(EndpointDown, match=r"^reward\.answer_agent 'judge-model' at http://127\.0\.0\.1:\d+/v1: no answer for 0\.\d s "
+                                           r"\(outage_timeout_s 0\.3\); last error: HTTP 500: overloaded$"):
+        agent.answer(_queries("Where does Alice live?"))
+    assert server.reply.attempts["Where does Alice live?"] > 2
+    server.reply.mode = "bad"  # a 400 is not transient: one attempt, and a config error
+    with pytest.raises(EndpointDown, match=r"request refused \(HTTP 400: bad request\); a config error.*memory\.answer_top_k"):
+        agent.answer(_queries("Who adopted Bandit?"))
+    assert server.reply.attempts["Who adopted Bandit?"] == 1
 
 
-def test_openai_agent_unreachable_endpoint_is_a_failure_not_a_crash(monkeypatch):
+def test_openai_agent_unreachable_endpoint_stops_with_the_connection_error(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     with FakeOpenAI(_Answerer()) as srv:
         url = srv.url  # bound then closed: nothing listens there any more
-    agent = OpenAIAnswerAgent(url, "m", timeout=2, retries=1, backoff=0.01)
-    assert agent.answer(_queries("Where does Alice live?")) == [""] and agent.failures == 1
+    agent = OpenAIAnswerAgent(url, "m", timeout=2, outage_timeout_s=0.3, backoff=0.01)
+    with pytest.raises(EndpointDown, match=re.escape(url) + r".*last error: ConnectError: .*Connection refused"):
+        agent.answer(_queries("Where does Alice live?"))
 
 
 # -- the engine agent ----------------------------------------------------------------------------
@@ -237,5 +245,7 @@ def test_make_answer_agent_builds_what_the_config_names():
         make_answer_agent(AnswerAgentConfig(kind="vllm", model="ckpt"))
     eng = make_answer_agent(AnswerAgentConfig(kind="vllm", model="ckpt", temperature=0.5, max_new_tokens=16), TinyEngine())
     assert isinstance(eng, EngineAnswerAgent) and eng.spec.temperature == 0.5 and eng.spec.max_new_tokens == 16
-    oa = make_answer_agent(AnswerAgentConfig(kind="openai", url="http://127.0.0.1:1/v1", model="m", api_key_env="K"))
+    oa = make_answer_agent(AnswerAgentConfig(kind="openai", url="http://127.0.0.1:1/v1", model="m", api_key_env="K",
+                                             timeout_s=7, outage_timeout_s=90))
     assert isinstance(oa, OpenAIAnswerAgent) and (oa.url, oa.model, oa.api_key_env) == ("http://127.0.0.1:1/v1", "m", "K")
+    assert (oa.timeout, oa.outage_timeout_s) == (7, 90) and AnswerAgentConfig().outage_timeout_s == 600

@@ -32,6 +32,7 @@ def test_yaml_then_dotted_overrides(tmp_path):
         ("algo.local_prob", "not of the form key.path=value"),
         ("seed.x=1", "config key seed is a value, not a section"),
         ("rollout.n_global=1", "config rollout.n_global: Input should be greater than or equal to 2, got 1"),
+        ("curriculum.stages=[]", "config curriculum.stages: needs at least one stage, e.g. [{horizon: 2, epochs: 1}], got []"),
     ],
 )
 def test_bad_keys_and_values_fail_with_one_line_naming_the_field(override, expected):

@@ -66,6 +66,19 @@ def test_bad_data_files_name_the_field(tmp_path):
         load_conversations(tmp_path / "nope.json")
 
 
+def test_a_session_with_turns_and_no_date_names_file_conversation_and_key(tmp_path):
+    turn = {"speaker": "A", "dia_id": "D2:1", "text": "hi"}
+    good = {"speaker_a": "A", "speaker_b": "B", "session_1_date_time": "1:56 pm on 8 May, 2023", "session_1": [dict(turn, dia_id="D1:1")]}
+    for conv, state in ((dict(good, session_2=[turn]), "missing"), (dict(good, session_2=[turn], session_2_date_time=" "), "empty")):
+        path = _write(tmp_path, [{"sample_id": "s0", "conversation": good, "qa": []}, {"sample_id": "s1", "conversation": conv, "qa": []}])
+        with pytest.raises(DataError) as err:
+            load_conversations(path)
+        assert str(err.value) == f"{path}[1] (s1).conversation.session_2_date_time: {state}, but session_2 has 1 turn(s)"
+    # A session key with no turns needs no date (nothing of it reaches a prompt).
+    path = _write(tmp_path, [{"sample_id": "s1", "conversation": dict(good, session_2=[]), "qa": []}])
+    assert [s.index for s in load_conversations(path)[0].sessions] == [1, 2]
+
+
 def test_session_of_tolerates_malformed_ids():
     assert session_of("D3:6") == 3
     assert [session_of(x) for x in ("D:11:26", "D", "D9:1 D4:4")] == [None, None, 9]

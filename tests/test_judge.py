@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from actors.agent.endpoint import EndpointDown, RequestCounts
 from actors.eval.judge import JUDGE_PROMPT, Judge, Verdict, j_score, make_judge, parse_verdict
 from common.config import JudgeConfig
 from tests.fake_openai import FakeOpenAI
@@ -79,7 +80,7 @@ def test_judge_labels_items_in_order_and_j_counts_unparsable_as_not_correct(fake
     verdicts = judge.judge(ITEMS)
     assert [v.label for v in verdicts] == ["CORRECT", "WRONG", "CORRECT", None, "WRONG", "CORRECT"]
     assert verdicts[3] == Verdict(None, "I cannot decide") and '"label"' in verdicts[0].reply
-    assert j_score(verdicts) == 3 / 6 and judge.failures == 0
+    assert j_score(verdicts) == 3 / 6 and judge.counts == RequestCounts()
     assert len(fake.requests) == len(ITEMS)
     prompts = [body["messages"][0]["content"] for body in fake.requests]
     for question, gold, prediction in ITEMS:
@@ -93,23 +94,43 @@ def test_judge_labels_items_in_order_and_j_counts_unparsable_as_not_correct(fake
         assert body["model"] == "judge" and body["temperature"] == 0.0 and body["max_tokens"] == 64
 
 
-def test_a_row_that_keeps_failing_is_a_failed_verdict_not_a_crash(monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+def _flaky_judge(fail_first: int):
+    """A judge whose every question fails (500) its first `fail_first` attempts; attempts per question."""
     attempts: dict[str, int] = {}
     lock = threading.Lock()
 
     def reply(prompt: str) -> str:
+        question = _field(prompt, "Question")
         with lock:
-            attempts[_field(prompt, "Question")] = attempts.get(_field(prompt, "Question"), 0) + 1
-        if "Bandit" in prompt:
+            attempts[question] = attempts.get(question, 0) + 1
+            n = attempts[question]
+        if n <= fail_first:
             raise RuntimeError("overloaded")  # the fake turns this into a 500: transient, retried
         return '{"label": "CORRECT"}'
 
+    return reply, attempts
+
+
+def test_a_failing_row_is_retried_and_counted_never_a_failed_verdict(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    reply, attempts = _flaky_judge(fail_first=2)
     with FakeOpenAI(reply) as srv:
-        judge = Judge(_cfg(srv.url, retries=1), backoff_s=0.01)
+        judge = Judge(_cfg(srv.url), backoff_s=0.01)
         verdicts = judge.judge(ITEMS[:3])
-    assert verdicts == [Verdict("CORRECT", '{"label": "CORRECT"}')] * 2 + [Verdict(None, None)]
-    assert attempts["When did Vera adopt Bandit?"] == 2 and judge.failures == 1 and j_score(verdicts) == 2 / 3
+    assert verdicts == [Verdict("CORRECT", '{"label": "CORRECT"}')] * 3 and j_score(verdicts) == 1.0
+    assert sorted(attempts.values()) == [3, 3, 3] and judge.counts == RequestCounts(retries=6, failures=3)
+
+
+def test_a_judge_down_past_its_outage_timeout_stops_the_eval_in_one_line(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    reply, attempts = _flaky_judge(fail_first=10**9)
+    with FakeOpenAI(reply) as srv:
+        with pytest.raises(EndpointDown, match=r"^eval\.judge 'judge' at " + re.escape(srv.url) +
+                           r": no answer for [\d.]+ s \(outage_timeout_s 0\.3\); last error: HTTP 500: .*overloaded.*$"):
+            Judge(_cfg(srv.url, outage_timeout_s=0.3), backoff_s=0.01).judge(ITEMS)
+    assert list(attempts) == [ITEMS[0][0]]  # the probe: no other row was sent
+    with pytest.raises(ValueError, match="a failed request"):
+        j_score([Verdict(None, None)])  # no J from a failed request
 
 
 def test_unknown_model_raises_one_clear_error(fake):
@@ -124,8 +145,8 @@ def test_unreachable_endpoint_raises(monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound then closed: nothing listens there
     url = f"http://127.0.0.1:{port}/v1"
-    with pytest.raises(ValueError, match=re.escape(url)):
-        Judge(_cfg(url, retries=1), backoff_s=0.01).judge(ITEMS[:2])
+    with pytest.raises(ValueError, match=re.escape(url) + r".*ConnectError"):
+        Judge(_cfg(url, outage_timeout_s=0.3), backoff_s=0.01).judge(ITEMS[:2])
 
 
 def test_no_url_no_judge_and_empty_inputs(fake):

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,37 @@ def test_a_hub_id_without_hub_access_fails_in_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"model 'Qwen/Qwen2.5-7B-Instruct': no local checkpoint and the hub download failed"):
         resolve_model("Qwen/Qwen2.5-7B-Instruct")
+
+
+def _without_template(tiny: Path, dest: Path) -> Path:
+    shutil.copytree(tiny, dest)
+    (dest / "chat_template.jinja").unlink()
+    return dest
+
+
+def test_a_model_without_a_chat_template_fails_in_one_line_before_and_at_load(tiny, tmp_path, monkeypatch):
+    from actors.engines.models import check_model_name, has_chat_template
+
+    assert has_chat_template(tiny)  # the built models carry one
+    check_model_name(str(tiny))
+    bare = _without_template(tiny, tmp_path / "bare")
+    assert not has_chat_template(bare)
+    line = (f"model '{bare}': the tokenizer has no chat_template (none in tokenizer_config.json, no chat_template.jinja); "
+            "every prompt is a chat: use a chat/instruct checkpoint or add its template")
+    with pytest.raises(ValueError) as err:
+        check_model_name(str(bare))  # the driver, before Ray starts
+    assert str(err.value) == line
+    with pytest.raises(ValueError) as err:
+        ChatEngineBase(bare, max_model_len=64)  # every engine's tokenizer (a hub id is checked here)
+    assert str(err.value) == line
+    # The template inside tokenizer_config.json (the older layout) counts.
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    (bare / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": (tiny / "chat_template.jinja").read_text()}))
+    assert has_chat_template(bare)
+    check_model_name(str(bare))
+    ChatEngineBase(bare, max_model_len=64)
+    # A built name whose folder lost its template: named with its folder.
+    monkeypatch.setenv("MEMR2_MODELS_DIR", str(tmp_path / "models"))
+    built = _without_template(tiny, tmp_path / "models" / "smollm2")
+    with pytest.raises(ValueError, match=rf"^model 'smollm2' \(folder {re.escape(str(built))}\): the tokenizer has no chat_template "):
+        check_model_name("smollm2")

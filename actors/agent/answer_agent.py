@@ -9,6 +9,14 @@ answering is pluggable behind one batched protocol, `AnswerAgent.answer(queries)
 
 The two LLM agents share one prompt (`answer_prompt`) and one reply parser (`first_line`), so
 swapping the serving path never changes what the model is asked.
+
+An endpoint that fails is never scored as a wrong answer (actors.agent.endpoint, shared with the
+judge): a transient error (refused, timeout, 408/409/429, 5xx) is retried with capped exponential backoff
+while the work waits, up to `reward.answer_agent.outage_timeout_s` from the request's first
+failure; past it, or at once for a request refused for good (400, 401, 404), `EndpointDown` (a
+ValueError, one line: url, model, last error) stops the run. Retries are counted per caller
+(`RequestCounts`: answer_retries / answer_failures in every step's metrics). `check_endpoint` is
+the start probe: the url answers GET /models and serves the model.
 """
 
 from __future__ import annotations
@@ -17,12 +25,11 @@ import logging
 import os
 import re
 import threading
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+from actors.agent.endpoint import RequestCounts, check_endpoint, run_all, send_until_up
 from actors.engines.base import Engine, SamplingSpec
 from common.config import AnswerAgentConfig
 from common.text import STOPWORDS, index_terms, stem
@@ -41,8 +48,9 @@ class AnswerQuery:
 
 
 class AnswerAgent(Protocol):
-    def answer(self, queries: Sequence[AnswerQuery]) -> list[str]:
-        """One answer per query, in order; never raises for one bad query."""
+    def answer(self, queries: Sequence[AnswerQuery], counts: RequestCounts | None = None) -> list[str]:
+        """One answer per query, in order; an endpoint's retries are added to `counts`. Never an
+        empty answer for a failed request: it raises (EndpointDown) instead."""
         ...
 
 
@@ -122,7 +130,7 @@ class ReaderAgent:
     the history questions. Memory quality moves the F1.
     """
 
-    def answer(self, queries: Sequence[AnswerQuery]) -> list[str]:
+    def answer(self, queries: Sequence[AnswerQuery], counts: RequestCounts | None = None) -> list[str]:
         return [self.answer_one(q) for q in queries]
 
     def answer_one(self, query: AnswerQuery) -> str:
@@ -210,7 +218,7 @@ class EngineAnswerAgent:
         self.engine = engine
         self.spec = SamplingSpec(temperature=temperature, max_new_tokens=max_new_tokens)
 
-    def answer(self, queries: Sequence[AnswerQuery]) -> list[str]:
+    def answer(self, queries: Sequence[AnswerQuery], counts: RequestCounts | None = None) -> list[str]:
         if not queries:
             return []
         prompts = [self.engine.chat_prompt(*answer_prompt(q)) for q in queries]
@@ -220,20 +228,27 @@ class EngineAnswerAgent:
 class OpenAIAnswerAgent:
     """Any OpenAI-compatible chat endpoint (base URL like "http://host:8000/v1").
 
-    A batch's requests run concurrently on a small thread pool. Transient errors (connection,
-    timeout, 408/409/429, 5xx) are retried with exponential backoff; a request that still fails,
-    or fails for good (e.g. 400), answers "" and adds 1 to `failures`: one unreachable question
-    must not crash an episode. The API key is read from the env var `api_key_env`; "EMPTY" if
-    unset, which vLLM servers accept.
+    A batch's requests run concurrently on a small thread pool. A failed request is never an
+    answer (an empty one would score F1 0 and turn a server restart into wrong rewards): it is
+    retried under `send_until_up`'s rule, and the rollout waits, for up to `outage_timeout_s`
+    from its first failure (keep it below cluster.task_timeout_s); then, or at once for a request
+    refused for good (4xx but 408/409/429), `answer` raises EndpointDown naming url, model and last
+    error, and the run stops. A 400 here is a config error: most often a prompt longer than the
+    server's context (lower memory.answer_top_k, or raise the server's max_model_len).
+
+    Retries are counted per call (`answer(queries, counts)`: the caller's RequestCounts, so tasks
+    sharing this agent on one worker each get their own) and over the agent's life (`counts`).
+    The API key is read from the env var `api_key_env`; "EMPTY" if unset, which vLLM servers accept.
     """
 
     def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.0,
-                 max_new_tokens: int = 64, timeout: float = 60.0, concurrency: int = 8, retries: int = 3,
-                 backoff: float = 0.5):
+                 max_new_tokens: int = 64, timeout: float = 60.0, concurrency: int = 8, outage_timeout_s: float = 600.0,
+                 backoff: float = 0.5, max_backoff: float = 15.0):
         self.url, self.model, self.api_key_env = url, model, api_key_env
         self.temperature, self.max_new_tokens, self.timeout = temperature, max_new_tokens, timeout
-        self.concurrency, self.retries, self.backoff = max(1, concurrency), max(0, retries), backoff
-        self.failures = 0
+        self.concurrency, self.outage_timeout_s = max(1, concurrency), outage_timeout_s
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.counts = RequestCounts()  # every call's, over this agent's life
         self._client = None
         self._lock = threading.Lock()
 
@@ -258,43 +273,34 @@ class OpenAIAnswerAgent:
                 )
             return self._client
 
-    def answer(self, queries: Sequence[AnswerQuery]) -> list[str]:
+    def answer(self, queries: Sequence[AnswerQuery], counts: RequestCounts | None = None) -> list[str]:
         if not queries:
             return []
         client = self._get_client()
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(queries))) as pool:
-            results = list(pool.map(lambda q: self._ask(client, q), queries))
-        failed = sum(r is None for r in results)
-        if failed:
-            with self._lock:
-                self.failures += failed
-        return [r or "" for r in results]
+        results = run_all(lambda q, stop: self._ask(client, q, stop), queries, self.concurrency)
+        call = RequestCounts(sum(r for _, r in results), sum(r > 0 for _, r in results))
+        with self._lock:
+            self.counts.add(call)
+        if counts is not None:
+            counts.add(call)
+        return [a for a, _ in results]
 
-    def _ask(self, client, query: AnswerQuery) -> str | None:
+    def _ask(self, client, query: AnswerQuery, stop: threading.Event) -> tuple[str, int]:
         system, user = answer_prompt(query)
-        for attempt in range(self.retries + 1):
-            try:
-                resp = client.chat.completions.create(
-                    model=self.model, temperature=self.temperature, max_tokens=self.max_new_tokens,
-                    messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
-                )
-                return first_line(resp.choices[0].message.content if resp.choices else "")
-            except Exception as err:  # noqa: BLE001 - any error must become a counted failure
-                if attempt == self.retries or not _transient(err):
-                    log.warning("answer request failed after %d attempt(s): %r", attempt + 1, err)
-                    return None
-                time.sleep(self.backoff * 2**attempt)
-        return None
+
+        def send():
+            return client.chat.completions.create(
+                model=self.model, temperature=self.temperature, max_tokens=self.max_new_tokens,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+            )
+
+        resp, retries = send_until_up(send, f"reward.answer_agent {self.model!r} at {self.url}", self.outage_timeout_s,
+                                      self.backoff, self.max_backoff, stop, _HINT_400)
+        return first_line(resp.choices[0].message.content if resp.choices else ""), retries
 
 
-def _transient(err: Exception) -> bool:
-    import openai
-
-    if isinstance(err, openai.APIConnectionError):  # includes APITimeoutError
-        return True
-    if isinstance(err, openai.APIStatusError):
-        return err.status_code in (408, 409, 429) or err.status_code >= 500
-    return False
+_HINT_400 = ("; a config error, e.g. a prompt longer than the server's context: lower memory.answer_top_k "
+             "or raise the server's max_model_len")
 
 
 def make_answer_agent(cfg: AnswerAgentConfig, engine: Engine | None = None) -> AnswerAgent:
@@ -307,5 +313,16 @@ def make_answer_agent(cfg: AnswerAgentConfig, engine: Engine | None = None) -> A
             raise ValueError("reward.answer_agent kind 'vllm' needs an engine built from reward.answer_agent.model")
         return EngineAnswerAgent(engine, cfg.temperature, cfg.max_new_tokens)
     if cfg.kind == "openai":
-        return OpenAIAnswerAgent(cfg.url or "", cfg.model or "", cfg.api_key_env, cfg.temperature, cfg.max_new_tokens)
+        return OpenAIAnswerAgent(cfg.url or "", cfg.model or "", cfg.api_key_env, cfg.temperature, cfg.max_new_tokens,
+                                 timeout=cfg.timeout_s, outage_timeout_s=cfg.outage_timeout_s)
     raise ValueError(f"unknown answer agent kind {cfg.kind!r}")
+
+
+def check_answer_agent(cfg: AnswerAgentConfig) -> None:
+    """At a run's start, in one line: an openai endpoint that does not answer or does not serve
+    the model, or kind vllm, which only `memr2 eval`-style callers that build an engine can use."""
+    if cfg.kind == "openai":
+        check_endpoint(cfg.url or "", cfg.model or "", "reward.answer_agent", cfg.api_key_env)
+    if cfg.kind == "vllm":
+        raise ValueError("reward.answer_agent.kind=vllm: rollout workers build no answer engine; serve the model "
+                         "with vLLM's OpenAI server and set kind=openai with its url")

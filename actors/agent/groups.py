@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from actors.agent.answer_agent import AnswerAgent, build_queries
+from actors.agent.endpoint import RequestCounts
 from actors.engines.base import SamplingSpec
 from actors.engines.scheduler import Program
 from actors.agent.episode import EpisodeRunner, Lane
@@ -63,6 +64,10 @@ class LaneStats:
     rejected_items: int = 0
     failed_ops: int = 0
     prompt_overflows: int = 0
+    # The answer agent's endpoint, for this task's questions: requests re-sent after an error, and
+    # requests that met at least one error (each answered in the end: a failed one stops the run).
+    answer_retries: int = 0
+    answer_failures: int = 0
     generate_s: float = 0.0
     score_s: float = 0.0
 
@@ -120,7 +125,7 @@ class GroupCollector:
         start = time.perf_counter()
         questions = final_questions(conv, horizon, self.cfg.data.exclude_adversarial)
         seen = dialogue_tokens(conv, horizon)
-        predictions = [self._answer(conv, lane.bank, questions) for lane in lanes]
+        predictions = [self._answer(conv, lane.bank, questions, stats) for lane in lanes]
         final = [memory_score(lane.bank, questions, p, seen, self.cfg.reward) for lane, p in zip(lanes, predictions)]
         groups = []
         for session in conv.sessions[:horizon]:
@@ -147,7 +152,7 @@ class GroupCollector:
         position = conv.sessions.index(session) + 1
         questions = questions_up_to(scored_questions(conv, self.cfg.data.exclude_adversarial), t)
         seen = dialogue_tokens(conv, position)
-        scores = [memory_score(lane.bank, questions, self._answer(conv, lane.bank, questions), seen, self.cfg.reward) for lane in lanes]
+        scores = [memory_score(lane.bank, questions, self._answer(conv, lane.bank, questions, stats), seen, self.cfg.reward) for lane in lanes]
         stats.score_s = time.perf_counter() - start
         return LocalResult(self._group("local", f"{conv.sample_id}/s{t}/anchor{anchor}", conv, t, lanes, scores), stats)
 
@@ -161,7 +166,7 @@ class GroupCollector:
         questions = final_questions(conv, horizon, self.cfg.data.exclude_adversarial)
         bank, stats = lane.bank, LaneStats()
         stats.add([lane])
-        score = memory_score(bank, questions, self._answer(conv, bank, questions), dialogue_tokens(conv, horizon), self.cfg.reward)
+        score = memory_score(bank, questions, self._answer(conv, bank, questions, stats), dialogue_tokens(conv, horizon), self.cfg.reward)
         return EvalResult(score, stats)
 
     def _rollout(self, lane: Lane, i: int, conv: Conversation, horizon: int, spec: SamplingSpec, key: str, keep: Keep | None = None) -> Program:
@@ -171,11 +176,17 @@ class GroupCollector:
                 keep(session, i, lane)
             yield from self.runner.session(lane, i, conv, session, spec, (key, session.index))
 
-    def _answer(self, conv: Conversation, bank: MemoryBank, questions: Sequence[QA]) -> list[str]:
+    def _answer(self, conv: Conversation, bank: MemoryBank, questions: Sequence[QA], stats: LaneStats) -> list[str]:
+        """The agent's answers; its endpoint's retries count in this task's stats (the agent is
+        shared by every task on the worker, so the counts travel with the call, not the agent)."""
         if not questions:
             return []
         queries = build_queries(bank, [q.question for q in questions], [conv.speaker_a, conv.speaker_b], self.cfg.memory.answer_top_k)
-        return self.answer_agent.answer(queries)
+        counts = RequestCounts()
+        answers = self.answer_agent.answer(queries, counts)
+        stats.answer_retries += counts.retries
+        stats.answer_failures += counts.failures
+        return answers
 
     def _group(self, kind: GroupKind, group_id: str, conv: Conversation, t: int, lanes: Sequence[Lane], scores: list[MemoryScore]) -> Group:
         version = self.runner.engine.policy_version

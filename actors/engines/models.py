@@ -210,10 +210,45 @@ def _kind(name: str) -> str:
     raise ValueError(f"model {name!r} is neither 'tiny', 'smollm2', a checkpoint directory with config.json nor a hub id")
 
 
+def _built_path(name: str, models_dir: str | Path | None = None) -> Path:
+    """Where `resolve_model` builds 'tiny' or 'smollm2' (it may not exist yet)."""
+    return default_models_dir(models_dir) / (f"tiny-{_tiny_revision()}" if name == "tiny" else name)
+
+
+def has_chat_template(folder: str | Path) -> bool:
+    """Whether a checkpoint folder's tokenizer carries a chat template, read from its files alone
+    (what transformers loads: chat_template.jinja, tokenizer_config.json's chat_template, the
+    older chat_template.json, or additional_chat_templates/default.jinja)."""
+    folder = Path(folder)
+    jinja = [folder / "chat_template.jinja", folder / "additional_chat_templates" / "default.jinja"]
+    if any(p.is_file() and p.read_text().strip() for p in jinja):
+        return True
+    for file in ("tokenizer_config.json", "chat_template.json"):
+        try:
+            if json.loads((folder / file).read_text()).get("chat_template"):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+def no_chat_template(name: str | Path, folder: str | Path) -> str:
+    """The one line for a model whose tokenizer cannot build the agent's chat prompts."""
+    where = f"model {str(name)!r}" + ("" if str(name) == str(folder) else f" (folder {folder})")
+    return (f"{where}: the tokenizer has no chat_template (none in tokenizer_config.json, no chat_template.jinja); "
+            "every prompt is a chat: use a chat/instruct checkpoint or add its template")
+
+
 def check_model_name(name: str) -> None:
     """Fail in one line, in the driver and before any actor starts, when `name` cannot resolve
-    (a hub id must be in the local cache or known to a reachable hub; nothing is downloaded)."""
-    if _kind(name) != "hub":
+    (a hub id must be in the local cache or known to a reachable hub; nothing is downloaded), or
+    when a local folder or an already built 'tiny'/'smollm2' has no chat template. A hub id's
+    template is checked where its tokenizer loads (`ChatEngineBase`)."""
+    kind = _kind(name)
+    folder = Path(name).expanduser() if kind == "folder" else _built_path(name) if kind == "builder" else None
+    if folder is not None and (folder / "config.json").is_file() and not has_chat_template(folder):
+        raise ValueError(no_chat_template(name, folder))
+    if kind != "hub":
         return
     from huggingface_hub import constants, model_info, try_to_load_from_cache
 
@@ -239,7 +274,7 @@ def resolve_model(name: str, models_dir: str | Path | None = None) -> Path:
     if kind == "hub":
         return _from_hub(name)
     root = default_models_dir(models_dir)
-    final = root / (f"tiny-{_tiny_revision()}" if name == "tiny" else name)
+    final = _built_path(name, root)
     if (final / "config.json").is_file():
         return final
     from filelock import FileLock
@@ -280,6 +315,8 @@ class ChatEngineBase:
         self.max_model_len = max_model_len
         self.policy_version = 0
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if not self.tokenizer.chat_template:  # every prompt goes through apply_chat_template
+            raise ValueError(no_chat_template(self.model_dir, self.model_dir))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.stop_ids = self._stop_ids()

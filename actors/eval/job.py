@@ -8,6 +8,11 @@ and the memory's size in tokens. Outputs, in the eval folder:
 
     predictions.jsonl  one row per question, in the rows `memr2 score` accepts (+ f1, bleu1, judge)
     eval.json          the tables (fractions in [0, 1]) and what was evaluated
+
+The judge's and an OpenAI answer agent's endpoints are probed first (`check_endpoint`: one line if
+the url does not answer or does not serve the model). A request that fails later is retried for
+up to their outage_timeout_s, then stops the eval in one line: no F1 or J from a failed request;
+the retries are counted (answer_retries / answer_failures, judge_retries / judge_failures).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from tqdm import tqdm
 
+from actors.agent.endpoint import check_endpoint
 from actors.agent.rewards import MemoryScore, final_questions
 from actors.engines.models import check_model_name
 from actors.eval.judge import Verdict, j_score, make_judge
@@ -64,6 +70,7 @@ def run_eval(cfg: Config, out_dir: str | Path | None = None, console: Console | 
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"exclude_adversarial": False})})
     conversations = eval_conversations(cfg)
     judge = make_judge(cfg.eval.judge)
+    check_endpoints(cfg)  # one line now, not after the rollouts
     out = Path(out_dir) if out_dir else run_root(cfg) / time.strftime("eval-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     horizon = cfg.eval.horizon or ALL_SESSIONS
@@ -91,6 +98,12 @@ def run_eval(cfg: Config, out_dir: str | Path | None = None, console: Console | 
         # Manager / extractor replies with no parsable JSON: counted, never fatal (DESIGN §2).
         "format_failures": sum(r.stats.format_failures for r in results),
         "generated_tokens": sum(r.stats.generated_tokens for r in results),
+        # Endpoint errors retried, never scored (actors.agent.answer_agent): re-sent requests and
+        # requests that met an error, of the answer agent and of the judge.
+        "answer_retries": sum(r.stats.answer_retries for r in results),
+        "answer_failures": sum(r.stats.answer_failures for r in results),
+        "judge_retries": 0 if judge is None else judge.counts.retries,
+        "judge_failures": 0 if judge is None else judge.counts.failures,
         "judge": None if judge is None else {
             "url": cfg.eval.judge.url, "model": cfg.eval.judge.model,
             "judged": len(verdicts), "unparsed": sum(v.label is None for v in verdicts)},
@@ -100,6 +113,15 @@ def run_eval(cfg: Config, out_dir: str | Path | None = None, console: Console | 
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     (console or Console(stderr=True)).print(render_table(report["scores"], title=f"memr2 eval: {cfg.model.name}"))
     return report
+
+
+def check_endpoints(cfg: Config) -> None:
+    """The start probe of every OpenAI-compatible endpoint this eval uses."""
+    if cfg.eval.judge.url:
+        check_endpoint(cfg.eval.judge.url, cfg.eval.judge.model or "", "eval.judge", cfg.eval.judge.api_key_env)
+    agent = cfg.reward.answer_agent
+    if agent.kind == "openai":
+        check_endpoint(agent.url or "", agent.model or "", "reward.answer_agent", agent.api_key_env)
 
 
 def _rows(conversations: list[Conversation], scores: list[MemoryScore], horizon: int) -> list[dict]:
@@ -132,7 +154,7 @@ def _tables(rows: list[dict], judged: bool) -> dict:
         members = _members(rows, key)
         stats["m_fail"] = statistics.fmean(r["m_fail"] for r in members) if members else None
         if judged:
-            stats["j"] = j_score([Verdict(r.get("judge"), None) for r in members if r["category"] != 5])
+            stats["j"] = j_score([Verdict(r.get("judge"), "") for r in members if r["category"] != 5])
     return tables
 
 

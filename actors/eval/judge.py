@@ -8,33 +8,30 @@ sentence of reasoning, then must reply `{"label": "CORRECT"}` or `{"label": "WRO
 template has the placeholders {question}, {gold} and {prediction} (filled with `str.format`).
 
 `Judge` talks to any OpenAI-compatible endpoint (eval.judge: a vLLM server, a hosted API), like
-actors.agent.answer_agent.OpenAIAnswerAgent, whose transient-error test it shares. Failures:
-- the first item is sent alone, as a probe: if it fails (at once for a non-transient error such as
-  a 404 unknown model or a 401; after `retries` retries for a transient one such as a refused
-  connection), `judge` raises one ValueError naming the url and model, since every other request
-  would fail the same way and a J of 0 would hide a misconfigured judge;
-- after the probe, a request that still fails is that item's failure alone: `Verdict(None, None)`,
-  counted in `failures`, so one bad row cannot sink an eval.
-`j_score` counts every item: an unparsable or failed verdict is not CORRECT (conservative: a
-broken judge can only lower J, never raise it).
+actors.agent.answer_agent.OpenAIAnswerAgent, and under the same outage rule (`send_until_up`): no
+J is ever computed from a failed request.
+- a request that fails transiently (refused connection, timeout, 408/409/429, 5xx) is retried with
+  capped exponential backoff, the eval waiting, for up to `eval.judge.outage_timeout_s` from its
+  first failure; still failing then, it stops the eval with one EndpointDown (a ValueError naming
+  url, model and last error);
+- a request refused for good (400, 401, a 404 unknown model) stops the eval at once, the same way;
+- the first item is sent alone, as a probe, so a misconfigured judge fails on one request (and a
+  down one waits there) before the rest go out `concurrency` at a time.
+Retries are counted (`counts`: judge_retries / judge_failures in eval.json). `j_score` counts every
+item: a reply that does not parse is not CORRECT (conservative: it can only lower J).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import threading
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from actors.agent.answer_agent import _transient
+from actors.agent.endpoint import RequestCounts, run_all, send_until_up
 from common.config import JudgeConfig
-
-log = logging.getLogger(__name__)
 
 Label = Literal["CORRECT", "WRONG"]
 
@@ -76,22 +73,22 @@ def parse_verdict(reply: str | None) -> Label | None:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    label: Label | None  # None: the reply did not parse, or the request failed
-    reply: str | None  # the judge's raw reply; None only when the request failed
+    label: Label | None  # None: the judge's reply did not parse
+    reply: str  # the judge's raw reply (a failed request has no verdict: it raises)
 
 
 class Judge:
     """Judges (question, gold, prediction) triples concurrently against cfg.url / cfg.model."""
 
-    def __init__(self, cfg: JudgeConfig, *, backoff_s: float = 0.5):
+    def __init__(self, cfg: JudgeConfig, *, backoff_s: float = 0.5, max_backoff_s: float = 15.0):
         if not cfg.url or not cfg.model:
             raise ValueError("the LLM judge needs eval.judge.url and eval.judge.model")
-        self.cfg, self.backoff_s = cfg, backoff_s
-        self.failures = 0  # requests that failed after the probe, over this judge's life
+        self.cfg, self.backoff_s, self.max_backoff_s = cfg, backoff_s, max_backoff_s
+        self.counts = RequestCounts()  # retries and requests that met an error, over this judge's life
         self._lock = threading.Lock()
 
     def judge(self, items: Sequence[tuple[str, str, str]]) -> list[Verdict]:
-        """One verdict per item, in order; raises ValueError if the first request fails."""
+        """One verdict per item, in order; EndpointDown (a ValueError) if a request fails for good."""
         items = list(items)
         if not items:
             return []
@@ -100,41 +97,26 @@ class Judge:
         cfg = self.cfg
         api_key = os.environ.get(cfg.api_key_env) or "EMPTY"  # vLLM servers accept any key
         with openai.OpenAI(base_url=cfg.url, api_key=api_key, timeout=cfg.timeout_s, max_retries=0) as client:
-            try:
-                first = self._ask(client, items[0])
-            except Exception as err:  # noqa: BLE001 - whatever it is, the judge is unusable
-                raise ValueError(f"LLM judge {cfg.model!r} at {cfg.url} failed its first request: {err!r}") from err
-            with ThreadPoolExecutor(max_workers=max(1, min(cfg.concurrency, len(items) - 1))) as pool:
-                rest = list(pool.map(lambda item: self._ask_or_fail(client, item), items[1:]))
+            first = self._ask(client, items[0], None)  # the probe
+            rest = run_all(lambda item, stop: self._ask(client, item, stop), items[1:], cfg.concurrency) if items[1:] else []
         return [first, *rest]
 
-    def _ask(self, client, item: tuple[str, str, str]) -> Verdict:
+    def _ask(self, client, item: tuple[str, str, str], stop: threading.Event | None) -> Verdict:
         question, gold, prediction = item
         prompt = JUDGE_PROMPT.format(question=question, gold=gold, prediction=prediction)
-        for attempt in range(self.cfg.retries + 1):
-            try:
-                resp = client.chat.completions.create(
-                    model=self.cfg.model, temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens,
-                    messages=[{"role": "user", "content": prompt}],
-                )
-            except Exception as err:
-                if attempt == self.cfg.retries or not _transient(err):
-                    raise
-                time.sleep(self.backoff_s * 2**attempt)
-                continue
-            # A reasoning model that spends max_tokens thinking returns no content: unparsable, not failed.
-            reply = (resp.choices[0].message.content if resp.choices else None) or ""
-            return Verdict(parse_verdict(reply), reply)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        cfg = self.cfg
 
-    def _ask_or_fail(self, client, item: tuple[str, str, str]) -> Verdict:
-        try:
-            return self._ask(client, item)
-        except Exception as err:  # noqa: BLE001 - one failed row must not sink the eval
-            log.warning("judge request failed after retries: %r", err)
-            with self._lock:
-                self.failures += 1
-            return Verdict(None, None)
+        def send():
+            return client.chat.completions.create(model=cfg.model, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                                  messages=[{"role": "user", "content": prompt}])
+
+        resp, retries = send_until_up(send, f"eval.judge {cfg.model!r} at {cfg.url}", cfg.outage_timeout_s,
+                                      self.backoff_s, self.max_backoff_s, stop)
+        with self._lock:
+            self.counts.add(RequestCounts(retries, int(retries > 0)))
+        # A reasoning model that spends max_tokens thinking returns no content: unparsable, not failed.
+        reply = (resp.choices[0].message.content if resp.choices else None) or ""
+        return Verdict(parse_verdict(reply), reply)
 
 
 def make_judge(cfg: JudgeConfig) -> Judge | None:
@@ -143,5 +125,7 @@ def make_judge(cfg: JudgeConfig) -> Judge | None:
 
 
 def j_score(verdicts: Sequence[Verdict]) -> float | None:
-    """Share of CORRECT among all verdicts (unparsable / failed count as not correct); None if empty."""
+    """Share of CORRECT among all verdicts (unparsable count as not correct); None if empty."""
+    if any(v.reply is None for v in verdicts):
+        raise ValueError("a verdict without a reply is a failed request: no J from it")
     return sum(v.label == "CORRECT" for v in verdicts) / len(verdicts) if verdicts else None

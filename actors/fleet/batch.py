@@ -71,6 +71,8 @@ class RolloutBatch:
             "tokens_per_s": s.generated_tokens / self.wall_s if self.wall_s else 0.0,
             "format_failures": s.format_failures,
             "rejected_items": s.rejected_items,
+            "answer_retries": s.answer_retries,  # the answer agent's endpoint: re-sent requests
+            "answer_failures": s.answer_failures,  # and requests that met an error (then answered)
             "global_groups": self.global_groups,
             "local_groups": self.local_groups,
             "degenerate_groups": self.degenerate_groups,

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import ray
 from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
+from actors.agent.endpoint import EndpointDown
 from actors.agent.groups import EvalResult
 from actors.fleet.batch import RolloutBatch
 from actors.fleet.budgets import StartBudget
@@ -277,6 +278,8 @@ class RolloutFleet:
             self._drop(slot, rnd, f"died ({type(err).__name__})")
             return
         except RayTaskError as err:
+            if isinstance(err.cause, EndpointDown):  # the endpoint, not the worker: one line, no retry elsewhere
+                raise EndpointDown(str(err.cause)) from None
             raise RolloutError(f"task {work.task.task_id} failed on rollout worker {slot.worker_id}: {one_line(err)}") from None
         slot.progress_at = time.monotonic()
         self._accept(rnd, work.task.task_id, value, slot.worker_id)
