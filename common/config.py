@@ -95,6 +95,10 @@ class RolloutConfig(Section):
     # vLLM on GPU: the share of the GPU an engine takes (weights, activations, KV cache); `memr2
     # plan` shows what it leaves for the KV cache. Not read on CPU.
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    # cluster.colocate on GPU: before each update the engine sleeps (vLLM sleep mode). Level 1
+    # moves its weights to host memory and drops the KV cache; level 2 drops both (the weights
+    # come back with the sync). Not read on CPU, where vLLM has no sleep mode.
+    sleep_level: Literal[1, 2] = 1
 
 
 class AnswerAgentConfig(Section):
@@ -188,8 +192,12 @@ class LearnerConfig(Section):
     # one run the job stops. timeout_s bounds every call: the longest update, checkpoint or sync.
     max_restarts: int = Field(3, ge=0)
     timeout_s: float | None = Field(3600.0, gt=0)
+    # cluster.colocate: move the optimizer state and fp32 master weights to host memory while the
+    # engine is awake (rollouts, sync), and back for the update. auto: when `memr2 plan` finds the
+    # awake engine and the resident learner do not fit one GPU together.
+    offload_states: Literal["auto", "on", "off"] = "auto"
 
-    @field_validator("bf16", "gradient_checkpointing", mode="before")
+    @field_validator("bf16", "gradient_checkpointing", "offload_states", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
         # YAML reads a bare on/off (`learner.bf16=on`, `bf16: off`) as a boolean.
@@ -254,6 +262,11 @@ class TrainConfig(Section):
 class ClusterConfig(Section):
     address: str | None = None  # None: start a local Ray cluster; "auto": join the running one
     num_cpus: int | None = None
+    # Rollout engines and learner ranks share GPUs: one placement group of learner.num_ranks
+    # bundles, bundle i holding learner rank i and rollout worker i, so the fleet is fixed at
+    # learner.num_ranks workers (autoscaling is a disaggregated feature). The step puts the engine
+    # to sleep for the update and wakes it for the sync; weights go by IPC (the paper's 4 GPUs).
+    colocate: bool = False
     # The rollout fleet sizes itself between these by its backlog (actors.fleet.scaling); unset,
     # either one is rollout.num_actors, so the default fleet has a fixed size.
     autoscale_min_actors: int | None = Field(None, ge=1)
