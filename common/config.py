@@ -356,6 +356,21 @@ class Config(Section):
             raise ValueError(f"rollout.num_actors ({n}, the fleet's size at start) is above cluster.autoscale_max_actors ({hi})")
         return self
 
+    @model_validator(mode="after")
+    def _colocated_pairs(self) -> Config:
+        """cluster.colocate pairs rollout worker i with learner rank i on one GPU."""
+        c, ranks = self.cluster, self.learner.num_ranks
+        if not c.colocate:
+            return self
+        if self.rollout.num_actors != ranks or {c.autoscale_min_actors, c.autoscale_max_actors} - {None, ranks}:
+            raise ValueError(f"cluster.colocate: the fleet is fixed at learner.num_ranks ({ranks}) workers, one on each "
+                             f"rank's GPU; set rollout.num_actors={ranks} and leave cluster.autoscale_min/max_actors unset")
+        gpus = (self.learner.gpus_per_rank or 0.0) + self.rollout.gpus_per_actor
+        if gpus > 1:
+            raise ValueError(f"cluster.colocate: learner.gpus_per_rank + rollout.gpus_per_actor is {gpus:g}, more than "
+                             "the one GPU a rank and its worker share")
+        return self
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file, then `a.b.c=value` overrides (values parsed as YAML scalars).

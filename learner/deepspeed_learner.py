@@ -26,7 +26,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.fleet.fleet import one_line
+from actors.fleet.colocation import Colocation
+from actors.fleet.errors import one_line
 from common.config import AlgoConfig, LearnerConfig
 from learner.batching import mini_batches_per_epoch, split_round_robin
 from learner.engine import grad_accumulation
@@ -64,9 +65,12 @@ class Learner:
         algo: AlgoConfig,
         cfg: LearnerConfig,
         seed: int = 0,
+        colocation: Colocation | None = None,
     ) -> None:
         grad_accumulation(cfg, cfg.num_ranks)  # fail here, not inside an actor
         self.algo, self.cfg, self.seed = algo, cfg, seed
+        self.colocation = colocation  # cluster.colocate: rank i on bundle i of the shared group
+        self.offload = False  # colocated: states to host while the engines are awake (set by train.run)
         self.model = self.model_dir = model  # as given, unresolved (model_dir: its older name)
         self.version = 0  # policy version: bumped by every train() call, stamped on trajectories
         self.train_calls = 0
@@ -82,11 +86,15 @@ class Learner:
         self.startup_s = time.perf_counter() - start  # as the driver sees it, incl. actor start
 
     def _start_ranks(self) -> None:
-        need = rank_resources(self.cfg)
+        need = self.colocation.rank if self.colocation else rank_resources(self.cfg)
         threads = max(1, int(self.cfg.cpus_per_rank))
         # One placement group, PACK: the ranks share a node wherever one holds them all, so ZeRO's
         # reduce-scatter of every step stays off the network (Ray's default packing may split them).
-        self.group = placement_group([{k: v for k, v in need.items() if v > 0}] * self.cfg.num_ranks, strategy="PACK")
+        # Colocated, the group is the one every pair shares.
+        if self.colocation:
+            self.group = self.colocation.group
+        else:
+            self.group = placement_group([{k: v for k, v in need.items() if v > 0}] * self.cfg.num_ranks, strategy="PACK")
         actor = ray.remote(self.rank_class)
         self.ranks = [actor.options(num_cpus=need["CPU"], num_gpus=need["GPU"], resources=dict(self.cfg.resources),
                                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r))
@@ -233,6 +241,20 @@ class Learner:
         metrics["policy_version"] = float(self.version)
         return metrics
 
+    def offload_states(self) -> float:
+        """Colocated: the GPU to the engines for the sync and rollouts (LearnerRank.offload_states,
+        states to host where learner.offload_states resolved on); seconds."""
+        return self._timed(lambda r: r.offload_states.remote(self.offload)) if self.colocation else 0.0
+
+    def reload_states(self) -> float:
+        """Colocated with offloaded states: back to the GPU for the update; seconds."""
+        return self._timed(lambda r: r.reload_states.remote()) if self.colocation and self.offload else 0.0
+
+    def _timed(self, call: Callable[[Any], ray.ObjectRef]) -> float:
+        start = time.perf_counter()
+        self._on_ranks(lambda: [call(r) for r in self.ranks])
+        return time.perf_counter() - start
+
     def publish_weights(self) -> list:
         """The full weights put in the object store by rank 0 (every rank joins: ZeRO-3 gathers);
         returned wrapped in a list so the ref, not the weights, travels to the rollout workers."""
@@ -253,9 +275,16 @@ class Learner:
         """A new group of rank 0 and `workers` (engine i at rank 1 + i); bytes one sync sends."""
         return self._wait([r.init_weight_transfer.remote(workers, address, dtype) for r in self._gathering_ranks()])[0]
 
+    def init_colocated_weight_transfer(self, workers: list, pairs: list[int], dtype: str | None) -> int:
+        """Colocated: every rank exports its weights to the worker on its bundle (`workers[j]`
+        beside rank `pairs[j]`), vLLM's ipc on GPU, shm on CPU; bytes one sync sends."""
+        return self._wait([r.init_colocated_weight_transfer.remote(workers, dtype, pairs) for r in self.ranks])[0]
+
     def send_weights(self) -> list[ray.ObjectRef]:
-        """Rank 0 broadcasts the current weights to its group; refs to wait on."""
-        return [r.send_weights.remote(self.version) for r in self._gathering_ranks()]
+        """Rank 0 broadcasts the current weights to its group (colocated: every rank exports its
+        own, chunk by chunk, in step); refs to wait on."""
+        ranks = self.ranks if self.colocation else self._gathering_ranks()
+        return [r.send_weights.remote(self.version) for r in ranks]
 
     def weight_sources(self) -> list:
         """The ranks that make a full copy of the weights when a late worker asks the policy store
@@ -329,9 +358,9 @@ class Learner:
         for r in self.ranks:
             ray.kill(r)
         self.ranks = []
-        if self.group is not None:
+        if self.group is not None and not self.colocation:  # a shared group outlives the ranks
             remove_placement_group(self.group)
-            self.group = None
+        self.group = None
 
     def __enter__(self) -> Learner:
         return self

@@ -222,6 +222,16 @@ class LearnerRank:
         self.transfer = Transfer(self.engine, self.rank, workers, address, dtype, bucket_mb)
         return self.transfer.bytes()
 
+    def init_colocated_weight_transfer(self, workers: list, dtype: str | None, pairs: list[int] | None = None) -> int:
+        """Colocated: EVERY rank calls this, with the same `workers`, worker j sharing a device with
+        rank `pairs[j]` (default j); vLLM's ipc backend on GPU, shm on CPU. Then every rank calls
+        send_weights at each sync, and close_weight_transfer to leave. Returns one sync's bytes."""
+        from learner.weight_transfer import ColocatedTransfer
+
+        bucket_mb = self.cfg.weight_bucket_mb or (1024 if torch.cuda.is_available() else 16)
+        self.transfer = ColocatedTransfer(self.engine, self.rank, workers, dtype, bucket_mb, pairs)
+        return self.transfer.bytes()
+
     def send_weights(self, version: int) -> None:
         self.transfer.send(version)
 
@@ -236,6 +246,24 @@ class LearnerRank:
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+
+    def offload_states(self, offload: bool) -> None:
+        """Colocated, after an update: give the awake engine the GPU memory the update used (the
+        allocator's cache), and with `offload` the optimizer state and fp32 master weights too
+        (DeepSpeed's own offload; on CPU a copy within host memory, the same calls). The bf16
+        weights stay: the sync reads them."""
+        import gc
+
+        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as State
+
+        if offload:
+            self.engine.offload_states(include=[State.optim_states, State.hp_params], pin_memory=torch.cuda.is_available())
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def reload_states(self) -> None:
+        self.engine.reload_states()
 
     def checkpoint_bytes(self) -> tuple[int, int]:
         """What this rank's part of a checkpoint holds: the weights (rank 0 writes them; they are

@@ -107,7 +107,7 @@ class RunDir:
         try:
             yield
         except OSError as err:  # also a rank's: Ray raises its error as an instance of the cause
-            from actors.fleet.fleet import one_line
+            from actors.fleet.errors import one_line
 
             shutil.rmtree(folder, ignore_errors=True)
             (self.path / "state.json.tmp").unlink(missing_ok=True)

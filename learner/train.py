@@ -16,14 +16,15 @@ from actors.agent.answer_agent import check_answer_agent
 from actors.agent.episode import request_seed
 from actors.engines.models import check_model_name
 from actors.fleet.cluster import Asks, fleet_asks, init_ray
-from actors.fleet.fleet import RolloutFleet
+from actors.fleet.colocation import Colocation, pair_bundle, pair_resources
+from actors.fleet.fleet import RolloutFleet, worker_resources
 from actors.fleet.tasks import plan_step
 from common.config import Config
 from common.data import load_dataset, split
 from common.scoring import bootstrap_ci
 from common.types import Conversation
 from learner.deepspeed_learner import Learner, rank_resources
-from learner.plan import check_fits
+from learner.plan import check_fits, resolve_offload_states
 from learner.run_outputs import Resume, RunDir, TrainState
 from learner.warmstart import warm_model
 from learner.weight_sync import check_sync_mode, sync_weights
@@ -37,17 +38,21 @@ def train_step(fleet: RolloutFleet, learner: Learner, conversations: list[Conver
     # exists, m branches of session t from it (rewards r_L), on whichever workers are live.
     batch = fleet.run(plan)
     t1 = time.perf_counter()
-    update = {}
+    update, sleep_s, wake_s, sync_s = {}, 0.0, 0.0, 0.0
     if batch.groups:  # groups whose rewards all tie carry no signal: dropped (and counted) above
+        sleep_s = fleet.sleep() + learner.reload_states()  # colocated: the GPU goes to the update
         rows = learner.prepare([g.table for g in batch.groups])  # advantages: z-scores within each group
         update = learner.update(rows)  # the LoGo-GRPO update
-    t2 = time.perf_counter()
-    sync_s = sync_weights(learner, fleet) if update else 0.0  # new weights, new policy version
+        wake_s = learner.offload_states() + fleet.wake(["weights"])  # colocated: the engine's weights back
+        sync_s = sync_weights(learner, fleet)  # new weights, new policy version
+        wake_s += fleet.wake(["kv_cache"])  # colocated: room for the next rollouts
     return {
         **batch.summary(),
         "rollout_s": t1 - t0,
-        "update_s": t2 - t1,
+        "update_s": time.perf_counter() - t1 - sleep_s - wake_s - sync_s,
         "sync_s": sync_s,
+        "sleep_s": sleep_s,
+        "wake_s": wake_s,
         "step_time_s": time.perf_counter() - t0,
         **{k: update[k] for k in ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "policy_version") if k in update},
         "live_workers": len(fleet.live()),
@@ -84,16 +89,19 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     check_sync_mode(cfg)
     check_fits(cfg, gpu_memory_gb)  # before anything starts: a rank out of memory fails after minutes
     check_model_name(cfg.model.name)  # one line here, not a traceback from inside every worker
-    check_answer_agent(cfg.reward.answer_agent)
-    out = RunDir(cfg, resume)
     data = load_data(cfg)
-    init_ray(cfg.cluster, job_asks(cfg))
+    init_ray(cfg.cluster, job_asks(cfg))  # one line if the cluster will never hold the job (its GPUs)
     check_fits(cfg, gpu_memory_gb, ask_cluster=True)  # the GPUs are on other nodes than the driver's
+    check_answer_agent(cfg.reward.answer_agent)  # from the cluster: it must reach the endpoint
+    out = RunDir(cfg, resume)
     model, warm = warm_model(cfg, out.path)  # a name or a run-dir folder: each rank resolves it on its node
     stages = cfg.curriculum.stages
     val_horizon = stages[-1].horizon  # every validation on the final task, so all are comparable
-    learner = Learner(str(model), cfg.algo, cfg.learner, cfg.seed)
-    fleet = RolloutFleet(cfg, run=out.name, other_bundles=job_asks(cfg)["learner rank"])
+    colocation = colocate(cfg)
+    learner = Learner(str(model), cfg.algo, cfg.learner, cfg.seed, colocation)
+    learner.offload = resolve_offload_states(cfg, gpu_memory_gb) == "on"  # what `memr2 plan` resolves
+    learner.offload_states()  # colocated: the engines start awake beside it
+    fleet = RolloutFleet(cfg, run=out.name, other_bundles=job_asks(cfg).get("learner rank", []), colocation=colocation)
     state = TrainState()
     if out.resumed:
         state = out.load_state()
@@ -138,6 +146,8 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     out.plot()
     fleet.shutdown()
     learner.shutdown()
+    if colocation:
+        colocation.remove()
     return summary
 
 
@@ -160,8 +170,19 @@ def _gain(validations: list[dict]) -> dict:
 
 
 def job_asks(cfg: Config) -> Asks:
-    """What a training job needs placed at once: its rollout workers and learner ranks."""
-    return {**fleet_asks(cfg), "learner rank": [rank_resources(cfg.learner)] * cfg.learner.num_ranks}
+    """What a training job needs placed at once: its rollout workers and learner ranks, or
+    (colocated) a rank and a worker on each of learner.num_ranks GPUs."""
+    rank = rank_resources(cfg.learner)
+    if cfg.cluster.colocate:
+        return {"colocated rank + worker": [pair_bundle(*pair_resources(cfg, rank, worker_resources(cfg)))] * cfg.learner.num_ranks}
+    return {**fleet_asks(cfg), "learner rank": [rank] * cfg.learner.num_ranks}
+
+
+def colocate(cfg: Config) -> Colocation | None:
+    """cluster.colocate: the group every rank-and-worker pair shares (actors.fleet.colocation)."""
+    if not cfg.cluster.colocate:
+        return None
+    return Colocation(*pair_resources(cfg, rank_resources(cfg.learner), worker_resources(cfg)), cfg.learner.num_ranks)
 
 
 def _stop(cfg: Config, state: TrainState) -> bool:

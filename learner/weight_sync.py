@@ -10,6 +10,8 @@ object_store: rank 0 puts the full HF-named state dict in the Ray object store o
 worker loads it in place (vLLM's `reload_weights`).
 auto: collective where it works (every engine is vLLM with the learner's backend, and reaches
 rank 0's port), else object_store; decided again whenever the members change.
+Colocated (cluster.colocate), collective has no process group: every rank exports its own weights
+to the engine on its GPU through vLLM's ipc weight-transfer engine (shm on CPU), rank 0 driving.
 
 Workers that start between syncs (a replacement, an autoscaled worker) pull the latest version
 from the policy store (actors.fleet.policy_store). In collective mode the store holds no weights,
@@ -27,7 +29,8 @@ from dataclasses import dataclass
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from actors.fleet.fleet import RolloutFleet, Slot, one_line
+from actors.fleet.errors import one_line
+from actors.fleet.fleet import RolloutFleet, Slot
 from common.config import Config
 from learner.deepspeed_learner import Learner, LearnerLost
 
@@ -106,6 +109,8 @@ def _collective_group(learner: Learner, slots: list[Slot]) -> bool:
     if group is not None and group.members == ids and group.restarts == learner.restarts:
         return group.collective
     _tear_down(learner)
+    if learner.colocation:
+        return _colocated_group(learner, slots, ids)
     ip, port, backend = learner.open_transfer_port()  # listens until the group forms
     problem = _why_not(slots, (ip, port), backend)
     if problem:
@@ -117,6 +122,20 @@ def _collective_group(learner: Learner, slots: list[Slot]) -> bool:
         return False
     group = learner.transfer_group = TransferGroup(ids, tuple(s.handle for s in slots), True, learner.restarts)
     group.bytes = learner.init_weight_transfer(list(group.handles), (ip, port), slots[0].info["weight_dtype"])
+    return True
+
+
+def _colocated_group(learner: Learner, slots: list[Slot], ids: tuple[str, ...]) -> bool:
+    """Colocated: no process group; each rank hands its worker (on its bundle) handles to its own
+    weights (vLLM's ipc on GPU, shm on CPU: actors.engines.shm_transfer)."""
+    from actors.engines.weight_transfer import transfer_backend  # imports vLLM: not at the CLI's start
+
+    backend = transfer_backend(colocated=True)
+    other = [s.worker_id for s in slots if s.info.get("transfer_backend") != backend]
+    if other:
+        raise ValueError(f"cluster.colocate: worker(s) {', '.join(other)} cannot take {backend} weight transfers")
+    group = learner.transfer_group = TransferGroup(ids, tuple(s.handle for s in slots), True, learner.restarts)
+    group.bytes = learner.init_colocated_weight_transfer(list(group.handles), [s.bundle for s in slots], slots[0].info["weight_dtype"])
     return True
 
 

@@ -17,6 +17,16 @@ def ray_local():
     yield ray
 
 
+@pytest.fixture(scope="session")
+def warm_tiny(tmp_path_factory):
+    """The tiny model warm-started on tests/tiny_world.py's world (a folder), built once a session."""
+    from tests.tiny_world import WARM, finish, memr2
+
+    warm = tmp_path_factory.mktemp("warm-tiny") / "warm"
+    finish(memr2("warmstart", "--out", str(warm), *WARM))
+    return warm
+
+
 def pytest_sessionfinish(session, exitstatus):
     import sys
 

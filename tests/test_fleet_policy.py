@@ -3,7 +3,8 @@ the task plan (stable ids, seeds independent of workers), and the config's fleet
 
 import pytest
 
-from actors.fleet.fleet import _Round, one_line
+from actors.fleet.errors import one_line
+from actors.fleet.fleet import _Round
 from actors.fleet.scaling import ScalingPolicy, autoscale_bounds
 from actors.fleet.tasks import plan_step, plan_validation
 from common.config import ConfigError, load_config

@@ -1,6 +1,8 @@
 """The KubeRay manifests: valid against KubeRay v1.7's CRDs in strict mode (what
 `kubectl apply --validate=strict` rejects: unknown keys anywhere), KubeRay's Go-side rules that
-the schema cannot say (../shared/schemas/README.md), and what the fleet needs of them."""
+the schema cannot say (../shared/schemas/README.md), and what the fleet needs of them. Two
+variants: raycluster/rayjob.yaml (disaggregated: an autoscaled rollout group and a learner group)
+and raycluster/rayjob-4gpu.yaml (colocated, deploy/paper-4gpu.yaml: one group of 4-GPU pods)."""
 
 import copy
 import re
@@ -17,6 +19,8 @@ from tests.shared_data import shared_or_skip
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = yaml.safe_load((ROOT / "deploy/kuberay/raycluster.yaml").read_text())
 JOB = yaml.safe_load((ROOT / "deploy/kuberay/rayjob.yaml").read_text())
+CLUSTER_4GPU = yaml.safe_load((ROOT / "deploy/kuberay/raycluster-4gpu.yaml").read_text())
+JOB_4GPU = yaml.safe_load((ROOT / "deploy/kuberay/rayjob-4gpu.yaml").read_text())
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 CLAIM = yaml.safe_load((ROOT / "deploy/kuberay/pvc.yaml").read_text())["metadata"]["name"]
 USERS_GID = 100  # the ray image runs as ray: uid 1000, group users (deploy/Dockerfile)
@@ -69,7 +73,9 @@ def kuberay_rule_errors(spec: dict) -> list[str]:
     return errs
 
 
-@pytest.mark.parametrize("doc,crd", [(CLUSTER, "ray.io_rayclusters.yaml"), (JOB, "ray.io_rayjobs.yaml")], ids=["RayCluster", "RayJob"])
+@pytest.mark.parametrize("doc,crd", [(CLUSTER, "ray.io_rayclusters.yaml"), (JOB, "ray.io_rayjobs.yaml"),
+                                     (CLUSTER_4GPU, "ray.io_rayclusters.yaml"), (JOB_4GPU, "ray.io_rayjobs.yaml")],
+                         ids=["RayCluster", "RayJob", "RayCluster-4gpu", "RayJob-4gpu"])
 def test_manifests_validate_strictly_against_kuberays_crds(doc, crd):
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in Draft7Validator(strict_schema(crd)).iter_errors(doc)]
     assert errors == []
@@ -155,11 +161,13 @@ def pod_problems(pod: dict, holds_policy: bool = True) -> list[str]:
     return errs
 
 
-@pytest.mark.parametrize("doc", [CLUSTER, JOB], ids=["RayCluster", "RayJob"])
-def test_every_ray_pod_mounts_the_claim_writable_and_a_dev_shm_for_the_object_store(doc):
+@pytest.mark.parametrize("doc,groups", [(CLUSTER, ["rollout", "learner"]), (JOB, ["rollout", "learner"]),
+                                        (CLUSTER_4GPU, ["colocated"]), (JOB_4GPU, ["colocated"])],
+                         ids=["RayCluster", "RayJob", "RayCluster-4gpu", "RayJob-4gpu"])
+def test_every_ray_pod_mounts_the_claim_writable_and_a_dev_shm_for_the_object_store(doc, groups):
     spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
     problems = {name: pod_problems(pod, holds_policy=name != "head") for name, pod in pod_templates(spec).items()}
-    assert problems == {"head": [], "rollout": [], "learner": []}
+    assert problems == {name: [] for name in ["head", *groups]}
 
 
 def test_the_pod_check_catches_a_rollout_pod_without_the_claim_or_a_sized_dev_shm():
@@ -170,8 +178,62 @@ def test_the_pod_check_catches_a_rollout_pod_without_the_claim_or_a_sized_dev_sh
     assert len(pod_problems(rollout)) == 3
 
 
-def test_the_hub_cache_is_on_the_claim_every_pod_mounts():
-    hf_home = PurePosixPath(yaml.safe_load(JOB["spec"]["runtimeEnvYAML"])["env_vars"]["HF_HOME"])
-    for name, pod in pod_templates(JOB["spec"]["rayClusterSpec"]).items():
+@pytest.mark.parametrize("job", [JOB, JOB_4GPU], ids=["RayJob", "RayJob-4gpu"])
+def test_the_hub_cache_is_on_the_claim_every_pod_mounts(job):
+    hf_home = PurePosixPath(yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["HF_HOME"])
+    for name, pod in pod_templates(job["spec"]["rayClusterSpec"]).items():
         under = [v for path, v in mounts(pod).items() if hf_home.is_relative_to(path)]
         assert under and under[-1].get("persistentVolumeClaim", {}).get("claimName") == CLAIM, name
+
+
+def colocated_job_config():
+    argv = shlex.split(JOB_4GPU["spec"]["entrypoint"])
+    config = argv[argv.index("--config") + 1]
+    assert PurePosixPath(config).is_relative_to("/app/memory-r2")  # the image's source tree (deploy/Dockerfile)
+    return argv, config.replace("/app/memory-r2/", ""), load_config(ROOT / config.replace("/app/memory-r2/", ""),
+                                                                     [a for a in argv[4:] if "=" in a])
+
+
+def test_the_colocated_cluster_is_one_fixed_group_of_4_gpu_pods():
+    spec = CLUSTER_4GPU["spec"]
+    assert JOB_4GPU["spec"]["rayClusterSpec"] == spec  # the job's cluster is this one
+    (group,) = spec["workerGroupSpecs"]  # no learner group, no rollout group: every pair on one GPU
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) == 4 and group["minReplicas"] == group["replicas"] == group["maxReplicas"]
+    assert not spec.get("enableInTreeAutoscaling")  # a fixed fleet: nothing to scale
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    _, _, cfg = colocated_job_config()
+    assert group["replicas"] * int(limits["nvidia.com/gpu"]) == cfg.learner.num_ranks  # a GPU a bundle
+    # Every bundle's CPUs (a rank's and its worker's) fit the pods, and the custom resources asked are given.
+    bundles_cpu = cfg.learner.num_ranks * (cfg.learner.cpus_per_rank + cfg.rollout.cpus_per_actor)
+    assert bundles_cpu <= group["replicas"] * float(limits["cpu"])
+    given = set(group.get("resources", {}))
+    assert set(cfg.learner.resources) <= given and set(cfg.rollout.resources) <= given
+
+
+def test_the_colocated_job_runs_the_4_gpu_paper_setting_and_a_retry_continues_it():
+    job = JOB_4GPU["spec"]
+    assert job["backoffLimit"] >= 1 and yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]
+    argv, config, cfg = colocated_job_config()
+    assert argv[:4] == ["python", "-m", "memr2", "train"] and argv[argv.index("--resume") + 1] == "auto"
+    assert config == "deploy/paper-4gpu.yaml" and cfg.cluster.colocate and cfg.learner.num_ranks == 4
+    assert cfg.model.name == "Qwen/Qwen2.5-7B-Instruct"
+    assert cfg.metrics.run_dir.startswith("/mnt/memr2") and cfg.metrics.run_name  # on the claim, a fixed name
+
+
+@pytest.mark.parametrize("sleep_level", [1, 2])
+def test_the_colocated_pod_holds_the_host_memory_the_plan_asks(sleep_level):
+    """On 80 GB GPUs the plan offloads the ranks' optimizer state and fp32 master to pinned host
+    memory (and at sleep level 1 the engines' weights): they, /dev/shm and the learner pod's former
+    256Gi for everything else fit the pod's memory."""
+    from learner.plan.report import make_plan
+
+    argv, config, _ = colocated_job_config()
+    cfg = load_config(ROOT / config, [a for a in argv[4:] if "=" in a] + [f"rollout.sleep_level={sleep_level}"])
+    host = make_plan(cfg, gpu_memory_gb=80)["colocate"]["host_memory"]
+    (group,) = CLUSTER_4GPU["spec"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"]
+    memory = quantity_bytes(pod["containers"][0]["resources"]["limits"]["memory"])
+    assert host["gpus_per_node"] == int(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert host["per_node_gb"] * 1e9 + quantity_bytes(shm) + quantity_bytes("256Gi") <= memory

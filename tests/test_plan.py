@@ -1,5 +1,6 @@
 """`memr2 plan`: the model's shape, the memory model's pieces, the paper's setting on 80 GB GPUs,
-the one-line stop in `memr2 train`, and (slow) the plan against a real learner step on CPU."""
+the one-line stop in `memr2 train`, the colocated setting's two phases on 141 and 80 GB GPUs, and
+(slow) the plan against a real learner step on CPU."""
 
 import json
 import re
@@ -8,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from common.config import load_config
-from learner.plan import check_fits
+from learner.plan import check_fits, resolve_offload_states
 from learner.plan import memory as mem
-from learner.plan.report import make_plan
+from learner.plan.report import check_plan, make_plan, render
 from learner.plan.shape import load_shape
 from memr2.cli import main
 
 PAPER = str(Path(__file__).resolve().parents[1] / "deploy" / "paper.yaml")
+PAPER_4GPU = str(Path(__file__).resolve().parents[1] / "deploy" / "paper-4gpu.yaml")
 PVC = Path(__file__).resolve().parents[1] / "deploy" / "kuberay" / "pvc.yaml"
 
 
@@ -88,6 +90,64 @@ def test_an_unknown_hub_model_asks_for_its_config(tmp_path, capsys, monkeypatch)
     config.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                                   "intermediate_size": 128, "vocab_size": 1000}))
     assert main(["plan", "model.name=acme/nothing-7b", "learner.frozen_layers=0", "--model-config", str(config), "--json"]) == 0
+
+
+def test_the_colocated_paper_setting_plans_4_gpus_in_two_phases_on_141_gb():
+    plan = make_plan(load_config(PAPER_4GPU), gpu_memory_gb=141)
+    learner, rollout, co = plan["roles"]["learner"], plan["roles"]["rollout"], plan["colocate"]
+    assert plan["gpus_total"] == plan["gpus_total_max"] == 4 and rollout["workers"] == 4 and rollout["shares_learner_gpus"]
+    update, awake = plan["phases"]["update"], plan["phases"]["rollout"]
+    assert plan["fits"] and update["fits"] and awake["fits"]
+    # update: the learner's peak (as disaggregated) and the sleeping engine's residue
+    assert update["components"] == {"learner_peak": learner["per_gpu_gb"], "engine_asleep": mem.ENGINE_ASLEEP_GB}
+    # rollout: the engine's whole share, and the learner's states without gradients (ZeRO-2 frees them)
+    assert awake["components"]["engine_awake"] == pytest.approx(0.6 * 141) and awake["components"]["learner_gradients"] == 0
+    assert awake["components"]["learner_optimizer"] == pytest.approx(learner["components"]["optimizer"])
+    assert awake["components"]["learner_reference"] < learner["components"]["reference"]  # no gathered module
+    for phase in (update, awake):
+        assert phase["total_gb"] == pytest.approx(sum(phase["components"].values())) and phase["total_gb"] <= 141
+    # auto: everything fits resident at 141 GB, so nothing is offloaded; level 2 parks no weights
+    assert co["offload_states"] == "auto" and co["offload_states_resolved"] == "off" and co["sleep_level"] == 2
+    assert co["host_memory"]["per_node_gb"] == pytest.approx(4 * mem.CUDA_GRAPHS_GB)
+    assert rollout["full_context_sequences"] >= 1
+    text = render(plan)
+    assert "update phase: 63.3 of 141 GB" in text and "rollout phase: " in text and "offload_states=auto -> off" in text
+    assert "phases" not in make_plan(load_config(PAPER), gpu_memory_gb=141)  # disaggregated: as before
+
+
+def test_auto_offload_resolves_on_exactly_when_the_rollout_phase_does_not_fit_resident():
+    cfg = load_config(PAPER_4GPU)
+    plan = make_plan(cfg, gpu_memory_gb=80)
+    co, awake = plan["colocate"], plan["phases"]["rollout"]
+    resident = make_plan(load_config(PAPER_4GPU, ["learner.offload_states=off"]), gpu_memory_gb=80)
+    assert not resident["phases"]["rollout"]["fits"] and not resident["fits"]  # 48 GB engine + 48 GB learner
+    assert co["offload_states_resolved"] == "on" and awake["fits"] and plan["fits"]  # ... so auto offloads
+    assert awake["components"]["learner_optimizer"] == 0 and awake["total_gb"] < resident["phases"]["rollout"]["total_gb"]
+    # host memory per node: the 4 ranks' optimizer state and fp32 master, and the engines' pools
+    optimizer = plan["roles"]["learner"]["components"]["optimizer"]
+    assert co["host_memory"]["per_node_gb"] == pytest.approx(4 * (optimizer + mem.CUDA_GRAPHS_GB))
+    level1 = make_plan(load_config(PAPER_4GPU, ["rollout.sleep_level=1"]), gpu_memory_gb=80)["colocate"]["host_memory"]
+    assert level1["per_node_gb"] == pytest.approx(co["host_memory"]["per_node_gb"] + 4 * 2 * plan["model"]["params"] / 1e9)
+    # just below the boundary on the same GPU, a smaller engine leaves room: auto stays off
+    kept = resident["phases"]["rollout"]["total_gb"] - resident["phases"]["rollout"]["components"]["engine_awake"]
+    util = int((80 - kept) / 80 * 100) / 100  # 0.39
+    below = make_plan(load_config(PAPER_4GPU, [f"rollout.gpu_memory_utilization={util}"]), gpu_memory_gb=80)
+    assert below["colocate"]["offload_states_resolved"] == "off" and below["phases"]["rollout"]["total_gb"] <= 80
+    assert resolve_offload_states(cfg, 141) == "off"
+    assert resolve_offload_states(cfg, None) == "on"  # no size: the safe side
+    assert "offload_states=auto -> on" in render(plan)
+
+
+def test_a_too_small_gpu_fails_naming_the_colocated_phase(capsys):
+    with pytest.raises(ValueError, match=r"on 60 GB GPUs\): the colocated update phase needs 63.3 GB: .*largest part optimizer"):
+        check_plan(make_plan(load_config(PAPER_4GPU), gpu_memory_gb=60))
+    with pytest.raises(ValueError, match=r"colocated rollout phase needs 96.1 GB: .*part optimizer, .*offload_states=off"):
+        check_fits(load_config(PAPER_4GPU, ["learner.offload_states=off"]), 80)
+    with pytest.raises(ValueError, match=r"colocated rollout phase .*gpu_memory_utilization=0.8\).*offload_states=auto -> on"):
+        check_fits(load_config(PAPER_4GPU, ["rollout.gpu_memory_utilization=0.8"]), 80)
+    assert main(["train", "--config", PAPER_4GPU, "--gpu-memory-gb", "60"]) == 2  # before Ray, in one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "update phase" in err[0]
 
 
 @pytest.mark.slow

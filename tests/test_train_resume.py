@@ -6,8 +6,6 @@ is fresh, the restart continues."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,35 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.tiny_world import WORLD, finish, memr2
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-# One training conversation (synth-0-0) of two sessions, one chunk each, and one to validate.
-WORLD = ["model.name=tiny", "learner.frozen_layers=0", "learner.bf16=off", "learner.cpus_per_rank=1",
-         "data.synth.conversations=2", "data.synth.sessions=2", "data.synth.val_conversations=1", "rollout.chunks_per_session=1"]
-# The warm start memorises the training conversation's gold outputs: a policy that writes real
-# memories, with a little sampling spread left, so some groups carry signal and steps update.
-WARM = [*WORLD, "train.warmstart.synth.seed=0", "train.warmstart.synth.conversations=1", "train.warmstart.synth.sessions=2",
-        "train.warmstart.synth.val_conversations=0", "train.warmstart.epochs=100", "train.warmstart.lr=3e-3",
-        "train.warmstart.mini_batch=4", "train.warmstart.micro_batch=4"]
 # Temperature 1: the memorised policy then still strays in some lanes, so steps carry signal.
 # One step an epoch, each validated; stage 1 (steps 3-4) starts from stage 0's best weights.
 RUN = [*WORLD, "rollout.temperature=1.0", "rollout.n_global=4", "rollout.m_local=2", "rollout.max_new_tokens=192", "rollout.num_actors=2",
        "algo.local_prob=1.0", "train.conversations_per_step=1", "curriculum.stages=[{horizon: 2, epochs: 2}, {horizon: 2, epochs: 2}]",
        "train.checkpoint_every=2", "train.keep_checkpoints=1",
        "learner.mini_batch=8", "learner.micro_batch=4", "learner.lr=1e-5", "metrics.prometheus=false", "train.warmstart.enabled=false"]
-
-
-def memr2(*args, **kw):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "memr2", *args], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
-def finish(proc) -> str:
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    return out
 
 
 def step_rows(run: Path) -> dict[int, dict]:
@@ -59,9 +38,8 @@ def saved(run: Path) -> tuple[int, list[str], list[str]]:
     return step, sorted(p.name for p in (run / "checkpoints").glob("step*")), sorted(p.name for p in run.glob("best-*"))
 
 
-def test_stopped_and_killed_runs_resume_to_the_identical_next_steps(tmp_path):
-    warm = tmp_path / "warm"
-    finish(memr2("warmstart", "--out", str(warm), *WARM))
+def test_stopped_and_killed_runs_resume_to_the_identical_next_steps(tmp_path, warm_tiny):
+    warm = warm_tiny
     base = [*RUN, f"model.name={warm}", f"metrics.run_dir={tmp_path}"]
 
     # Stopped by max_steps after step 3: checkpointed there, though 3 is no multiple of 2; with

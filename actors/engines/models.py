@@ -321,6 +321,13 @@ class ChatEngineBase:
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.stop_ids = self._stop_ids()
 
+    def sleep(self, level: int) -> bool:
+        """Give the GPU back for a colocated update (vLLM's sleep mode); False: this engine has none."""
+        return False
+
+    def wake_up(self, tags: list[str]) -> bool:
+        return False
+
     def _stop_ids(self) -> list[int]:
         """The tokenizer's eos plus generation_config's eos ids, so both engines stop on the same set."""
         ids = {self.tokenizer.eos_token_id}

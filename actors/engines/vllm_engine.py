@@ -34,9 +34,12 @@ class VLLMEngine(ChatEngineBase):
     name = "vllm"
 
     def __init__(self, model_dir: str | Path, seed: int = 0, max_model_len: int = 4096, dtype: str = "auto",
-                 gpu_memory_utilization: float = 0.85, enforce_eager: bool | None = None):
+                 gpu_memory_utilization: float = 0.85, enforce_eager: bool | None = None, colocated: bool = False):
         super().__init__(model_dir, max_model_len)
         on_gpu = torch.cuda.is_available()
+        # Colocated with a learner rank (cluster.colocate): it sleeps through the update. vLLM's
+        # sleep mode is CUDA's (its allocator pool); on CPU the engine stays awake.
+        self.sleep_mode = colocated and on_gpu
         _prepare_env(on_gpu)
         from vllm import LLM
         from vllm.config import WeightTransferConfig
@@ -45,7 +48,7 @@ class VLLMEngine(ChatEngineBase):
 
         # Registered before LLM() builds its (in-process) worker: the worker creates its weight-
         # transfer engine then. Idle until a learner forms a group with it (learner.weight_sync).
-        self.transfer_backend = transfer_backend()
+        self.transfer_backend = transfer_backend(colocated=colocated)
         self._budgets: dict[str, int] = {}  # requests in flight -> their token budget
         kwargs = {}
         if on_gpu:
@@ -70,6 +73,7 @@ class VLLMEngine(ChatEngineBase):
             # repetition_penalty) must not leak in: every request carries its full SamplingSpec.
             generation_config="vllm",
             weight_transfer_config=WeightTransferConfig(backend=self.transfer_backend),
+            enable_sleep_mode=self.sleep_mode,
             **kwargs,
         )
         self.weight_dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
@@ -156,6 +160,18 @@ class VLLMEngine(ChatEngineBase):
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.llm.shutdown_weight_transfer_engine()
+
+    def sleep(self, level: int) -> bool:
+        """Level 1: weights to host memory, KV cache dropped; level 2: both dropped. False on CPU."""
+        if self.sleep_mode:
+            self.llm.sleep(level=level)
+        return self.sleep_mode
+
+    def wake_up(self, tags: list[str]) -> bool:
+        """tags "weights" (before a sync writes them) then "kv_cache" (before rollouts)."""
+        if self.sleep_mode:
+            self.llm.wake_up(tags=tags)
+        return self.sleep_mode
 
     def _new_policy(self, version: int) -> None:
         # Cached prefix KV blocks were computed by the old weights: drop them or new rollouts would

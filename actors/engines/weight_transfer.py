@@ -1,5 +1,8 @@
 """vLLM's weight-transfer engines on any device, for learner.weight_sync=collective (DESIGN §4).
 
+(Colocated learner ranks and engines use the ipc/shm backends: `transfer_backend(colocated=True)`,
+`colocated_init_info`, and actors.engines.shm_transfer.)
+
 On GPU the stock `nccl` backend runs as vLLM ships it. A CPU has no NCCL, so `transfer_backend()`
 registers a `gloo` backend with both of vLLM's factories (worker and trainer side): the NCCL
 engines, subclassed, with only the communicator swapped for a gloo process group. Packing into
@@ -22,6 +25,7 @@ from unittest import mock
 import torch
 from vllm.distributed.weight_transfer import nccl_common, packed_tensor
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 from vllm.distributed.weight_transfer.nccl_engine import (
     NCCLTrainerInitInfo,
     NCCLTrainerWeightTransferEngine,
@@ -34,15 +38,29 @@ GLOO_TIMEOUT = timedelta(minutes=5)
 NUM_BUFFERS = 2  # vLLM's default: bucket k+1 is packed while bucket k is on the wire (GPU streams)
 
 
-def transfer_backend() -> str:
-    """The backend for this process's device: nccl on GPU, else gloo (registered on first call)."""
+def transfer_backend(colocated: bool = False) -> str:
+    """The backend for this process's device (registered on first call where it is ours).
+
+    Learner rank 0 and separate engines (one group, a broadcast): nccl on GPU, else gloo.
+    Colocated, learner rank i and engine i on one device (actors.engines.shm_transfer): vLLM's
+    `ipc` on GPU (CUDA IPC handles), else `shm` (the same engines over shared-memory handles)."""
+    if colocated:
+        if torch.cuda.is_available():
+            return "ipc"
+        from actors.engines.shm_transfer import ShmTrainerWeightTransferEngine, ShmWeightTransferEngine
+
+        _register("shm", ShmWeightTransferEngine, ShmTrainerWeightTransferEngine)
+        return "shm"
     if torch.cuda.is_available():
         return "nccl"
-    for factory, engine in ((WeightTransferEngineFactory, GlooWeightTransferEngine),
-                            (WeightTransferTrainerFactory, GlooTrainerWeightTransferEngine)):
-        if "gloo" not in factory._registry:  # once per process; the factory refuses a second one
-            factory.register_engine("gloo", engine)
+    _register("gloo", GlooWeightTransferEngine, GlooTrainerWeightTransferEngine)
     return "gloo"
+
+
+def _register(backend: str, worker_engine: type, trainer_engine: type) -> None:
+    for factory, engine in ((WeightTransferEngineFactory, worker_engine), (WeightTransferTrainerFactory, trainer_engine)):
+        if backend not in factory._registry:  # once per process; the factory refuses a second one
+            factory.register_engine(backend, engine)
 
 
 def trainer_init_info(backend: str, address: tuple[str, int], world_size: int, bucket_bytes: int,
@@ -51,6 +69,16 @@ def trainer_init_info(backend: str, address: tuple[str, int], world_size: int, b
     cls = NCCLTrainerInitInfo if backend == "nccl" else GlooTrainerInitInfo
     return cls(master_address=address[0], master_port=address[1], world_size=world_size, packed=True,
                packed_buffer_size_bytes=bucket_bytes, packed_num_buffers=NUM_BUFFERS, rank=rank)
+
+
+def colocated_init_info(backend: str, buffer_bytes: int, rank: int, packed: bool = True) -> IPCTrainerInitInfo:
+    """What vLLM's trainer factory needs to build a colocated sending side (every rank exports,
+    `rank` 0 ships): packed, through one reusable buffer of `buffer_bytes` per rank, which must
+    hold the largest tensor sent (vLLM's IPC producer refuses a larger one)."""
+    from actors.engines.shm_transfer import ShmTrainerInitInfo
+
+    cls = IPCTrainerInitInfo if backend == "ipc" else ShmTrainerInitInfo
+    return cls(packed=packed, packed_buffer_size_bytes=buffer_bytes, rank=rank)
 
 
 class GlooCommunicator:

@@ -41,6 +41,15 @@ def init_ray(cfg: ClusterConfig, asks: Asks) -> None:
 
 def _start_or_join(cfg: ClusterConfig, cpus_needed: float) -> None:
     local = cfg.address is None and not os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
+    try:
+        _init(cfg, cpus_needed, local)
+    except ConnectionError as err:  # cluster.address names no running cluster
+        raise ValueError(f"cluster.address={cfg.address or os.environ.get('RAY_ADDRESS')}: no Ray cluster there "
+                         f"({str(err).splitlines()[0]}); start one (`ray start --head`), submit with `ray job submit`, "
+                         "or unset cluster.address for a local one") from None
+
+
+def _init(cfg: ClusterConfig, cpus_needed: float, local: bool) -> None:
     ray.init(
         # "local", not None: None joins whatever cluster /tmp/ray/ray_current_cluster names (a
         # `ray start` or a `ray.cluster_utils.Cluster` of another process) and then refuses num_cpus.
@@ -194,7 +203,9 @@ def _fail_if_never(asks: Asks, bundles: list[dict[str, float]], ceiling: _Ceilin
     for b in bundles:
         if any(all(node.get(k, 0.0) >= v for k, v in b.items()) for node in ceiling.nodes):
             continue
-        short = next((k for k, v in b.items() if v > max((n.get(k, 0.0) for n in ceiling.nodes), default=0.0)), None)
+        # GPUs first: a CPU count is a node's size, a missing GPU the thing to fix.
+        short = next((k for k, v in sorted(b.items(), key=lambda kv: kv[0] != "GPU")
+                      if v > max((n.get(k, 0.0) for n in ceiling.nodes), default=0.0)), None)
         if short is not None:
             most = max((n.get(short, 0.0) for n in ceiling.nodes), default=0.0)
             reason = f"{ceiling.node} {b[short]:g} {short} (the most one has is {most:g})"

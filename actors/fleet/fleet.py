@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +33,8 @@ from actors.agent.endpoint import EndpointDown
 from actors.agent.groups import EvalResult
 from actors.fleet.batch import RolloutBatch
 from actors.fleet.budgets import StartBudget
+from actors.fleet.colocation import Colocation
+from actors.fleet.errors import RolloutError, WorkerStartError, one_line
 from actors.fleet.metrics import fleet_series
 from actors.fleet.policy_store import PolicyStore, on_this_node
 from actors.fleet.scaling import CapacityRequest, ScalingPolicy
@@ -46,14 +47,6 @@ from memory_service.snapshots import SnapshotKeeper
 log = logging.getLogger("memr2.fleet")
 POLL_S = 0.5  # how often the driver looks at deadlines and the backlog when nothing arrives
 WORKER_LOST = (RayActorError, WorkerCrashedError, ObjectLostError, OwnerDiedError)
-
-
-class RolloutError(RuntimeError):
-    """A task that cannot be completed: it failed in the worker's code, or lost too many workers."""
-
-
-class WorkerStartError(RolloutError, ValueError):
-    """No rollout worker starts: a ValueError too, so the CLI ends with its one line, as with bad input."""
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -78,6 +71,7 @@ class Slot:
     running: dict[ray.ObjectRef, Work] = field(default_factory=dict)
     progress_at: float = 0.0  # a dispatch onto it while idle, or its last result: the hang clock
     draining: bool = False
+    bundle: int | None = None  # colocated: the placement-group bundle it shares with learner rank `bundle`
 
 
 @dataclass
@@ -112,8 +106,10 @@ class _Round:
 
 
 class RolloutFleet:
-    def __init__(self, cfg: Config, run: str = "rollout", other_bundles: Iterable[dict[str, float]] = ()) -> None:
+    def __init__(self, cfg: Config, run: str = "rollout", other_bundles: Iterable[dict[str, float]] = (),
+                 colocation: Colocation | None = None) -> None:
         self.cfg, self.run_name = cfg, run
+        self.colocation = colocation  # cluster.colocate: worker i on bundle i, a replacement too
         # Started by the driver on its own node: they must outlive any worker and any worker node.
         here = on_this_node()
         self.keeper = SnapshotKeeper.options(scheduling_strategy=here).remote()
@@ -122,7 +118,7 @@ class RolloutFleet:
         self.budget = StartBudget.from_config(cfg.cluster)
         self.capacity = CapacityRequest(worker_resources(cfg), list(other_bundles))
         self.series = fleet_series(run, cfg.metrics.prometheus)
-        self._worker_cls = ray.remote(RolloutWorker).options(**self._worker_options())
+        self._worker_cls = ray.remote(RolloutWorker)
         self.slots: dict[str, Slot] = {}
         self.target = 0
         self.faults, self.totals = Faults(), Faults()
@@ -142,6 +138,14 @@ class RolloutFleet:
             "max_concurrency": r.tasks_per_worker + 4,
             "scheduling_strategy": "SPREAD" if c.worker_placement == "spread" else "DEFAULT",
         }
+
+    def _placement(self) -> tuple[int | None, dict]:
+        """The bundle a new worker takes (colocated: the one no live worker holds) and its options."""
+        if self.colocation is None:
+            return None, self._worker_options()
+        bundle = min(set(range(self.colocation.pairs)) - {s.bundle for s in self.slots.values()})
+        return bundle, self._worker_options() | {"num_gpus": self.colocation.worker.get("GPU", 0.0),
+                                                 "scheduling_strategy": self.colocation.on(bundle)}
 
     # ------------------------------------------------------------------ what the driver calls
 
@@ -170,6 +174,14 @@ class RolloutFleet:
                 ray.get(ref)
             except WORKER_LOST as err:
                 self._drop(slot, _Round(), f"died during a weight sync ({type(err).__name__})")
+
+    def sleep(self) -> float:
+        """Colocated: every engine gives its GPU to the update (rollout.sleep_level); seconds."""
+        return self.colocation.call(self.live(), "sleep", self.cfg.rollout.sleep_level) if self.colocation else 0.0
+
+    def wake(self, tags: list[str]) -> float:
+        """Colocated: the engines take back their "weights" (before a sync) or "kv_cache"."""
+        return self.colocation.call(self.live(), "wake_up", tags) if self.colocation else 0.0
 
     def drop_workers(self, slots: Iterable[Slot], reason: str) -> None:
         """Drop (kill) these workers; the fleet starts replacements, which pull the current policy
@@ -350,9 +362,10 @@ class RolloutFleet:
 
     def _start_worker(self) -> None:
         wid = f"w{next(self._ids)}"
-        handle = self._worker_cls.remote(self.cfg, wid, self.run_name, self.keeper, self.policy_store)
+        bundle, options = self._placement()
+        handle = self._worker_cls.options(**options).remote(self.cfg, wid, self.run_name, self.keeper, self.policy_store)
         # node() returns once the actor's process runs (placed); start() then builds the engine.
-        self.slots[wid] = Slot(wid, handle, time.monotonic(), handle.node.remote(), handle.start.remote())
+        self.slots[wid] = Slot(wid, handle, time.monotonic(), handle.node.remote(), handle.start.remote(), bundle=bundle)
 
     def _retire(self, slot: Slot) -> None:
         self.slots.pop(slot.worker_id, None)
@@ -397,12 +410,3 @@ class RolloutFleet:
             ray.kill(slot.handle, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
-
-
-def one_line(err: BaseException) -> str:
-    """The innermost `SomeError: message` line of a Ray error (they carry whole remote tracebacks)."""
-    text = str(err).strip()
-    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Exit): ", ln)]
-    if lines:
-        return lines[-1]
-    return text.splitlines()[0] if text else type(err).__name__

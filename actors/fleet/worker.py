@@ -58,7 +58,8 @@ class RolloutWorker:
             seed=cfg.seed,  # every request carries its own seed; this one only covers unseeded ones
             max_model_len=context_tokens(cfg),
             dtype=cfg.model.dtype,
-            **({"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization} if cfg.rollout.engine == "vllm" else {}),
+            **({"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization, "colocated": cfg.cluster.colocate}
+               if cfg.rollout.engine == "vllm" else {}),
         )
         # Every task this worker holds (rollout.tasks_per_worker, each on its own actor thread)
         # generates through one scheduler: one continuous batch on the engine.
@@ -157,6 +158,17 @@ class RolloutWorker:
     def shutdown_weight_transfer_engine(self) -> None:
         with self.scheduler.exclusive() as engine:
             engine.shutdown_weight_transfer_engine()
+
+    # Colocated (cluster.colocate): the engine sleeps through the learner's update, its weights wake
+    # for the sync and its KV cache for the rollouts. False where the engine has no sleep mode (CPU).
+
+    def sleep(self, level: int) -> bool:
+        with self.scheduler.exclusive() as engine:
+            return engine.sleep(level)
+
+    def wake_up(self, tags: list[str]) -> bool:
+        with self.scheduler.exclusive() as engine:
+            return engine.wake_up(tags)
 
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         out: list[Generation] = []

@@ -27,6 +27,20 @@ def check_fits(cfg: Config, gpu_memory_gb: float | None, ask_cluster: bool = Fal
     check_plan(make_plan(cfg, gpu_memory_gb))
 
 
+def resolve_offload_states(cfg: Config, gpu_memory_gb: float | None) -> str:
+    """learner.offload_states as `memr2 plan` resolves it for cluster.colocate: on or off as set;
+    auto on exactly when the awake engine and the learner with its optimizer state and fp32 master
+    resident do not fit one GPU (the plan's rollout phase). Without a GPU size auto is on: slower
+    (the states cross to host and back every step), never out of memory for want of it."""
+    if cfg.learner.offload_states != "auto":
+        return cfg.learner.offload_states
+    if gpu_memory_gb is None:
+        return "on"
+    from learner.plan.report import make_plan
+
+    return make_plan(cfg, gpu_memory_gb)["colocate"]["offload_states_resolved"] if cfg.cluster.colocate else "off"
+
+
 def cluster_gpu_memory_gb(timeout_s: float = 60.0) -> float | None:
     """A GPU's memory as a one-GPU task on the cluster sees it (the driver's node, a head, often
     has none). None when the cluster has no GPU or none is free within the timeout (an autoscaler

@@ -20,6 +20,20 @@ Activations of one micro-batch of T padded tokens, Tr of them response tokens, p
 
 Checked against a real learner step on CPU (`memr2 plan --validate`); what a CPU cannot show
 (CUDA context, NCCL buffers, the caching allocator's fragmentation) is a stated allowance.
+
+Colocated (cluster.colocate), a GPU holds a learner rank and an engine, in two phases:
+
+  update   the learner's peak (as above) and the sleeping engine's residue (ENGINE_ASLEEP_GB)
+  rollout  the awake engine's share (rollout.gpu_memory_utilization of the GPU) and what the
+           learner keeps between updates (learner_resident): its 16-bit weights, its reference
+           shard, the optimizer state and fp32 master unless learner.offload_states moves them to
+           host memory, its CUDA context and NCCL buffers, and fragmentation on what it keeps.
+           ZeRO-1/2 keep no gradients (DeepSpeed 0.19 frees the partitioned gradients at the
+           optimizer step and the contiguous buffer at the backward's end); ZeRO-3
+           (grad_partitions_flat_buffer) and stage 0 in bf16 (BF16_Optimizer's fp32 gradients)
+           keep theirs. Activations are gone: the learner empties its cache after the update.
+The weight sync (engine weights awake, KV cache not yet) is the rollout phase less the KV cache
+plus the IPC buckets: below the rollout phase wherever the KV cache exceeds a bucket or two.
 """
 
 from __future__ import annotations
@@ -34,6 +48,14 @@ CUDA_CONTEXT_NCCL_GB = 2.0  # CUDA context and cuBLAS workspaces ~1 GB, NCCL's b
 FRAGMENTATION = 0.10  # of the allocated peak: PyTorch's caching allocator rounds and splits blocks
 # vLLM 0.32's engine defaults for the LLM class on a GPU (its memory profile runs one such batch).
 VLLM_BATCHED_TOKENS, VLLM_MAX_SEQS, CUDA_GRAPHS_GB = 8192, 256, 1.0
+# What a sleeping vLLM engine keeps on its GPU. vLLM 0.32's sleep (CuMemBackend.suspend) moves the
+# runtime and CUDA-graph pools to host memory at either level, the weights too at level 1, drops
+# the KV cache (and at level 2 the weights), then empties torch's cache; its docs: sleep releases
+# "up to 90%+ of GPU memory" (docs.vllm.ai/en/latest/features/sleep_mode/). Left: the engine
+# process's own CUDA context (~0.5 GB with CUDA's lazy module loading) and what it allocates
+# outside those pools (persistent input buffers, cuBLAS workspaces, NCCL's if it has any), with a
+# margin. An allowance, not measured here (no GPU).
+ENGINE_ASLEEP_GB = 1.5
 
 
 @dataclass(frozen=True)
@@ -150,3 +172,33 @@ def engine_components(cfg: Config, shape: ModelShape, gpu_gb: float) -> tuple[di
     parts = {"weights": float(weights), "activations": float(forward), "cuda_graphs": CUDA_GRAPHS_GB * GB}
     parts["kv_cache"] = max(0.0, claim - sum(parts.values()))
     return parts, int(parts["kv_cache"] // shape.kv_bytes_per_token)
+
+
+def reference_resident_bytes(shape: ModelShape, placement: str, ranks: int, bf16: bool) -> float:
+    """The reference between its forwards: its shard (sharded), a full copy (replicated, or one
+    rank), nothing on the GPU (offload); ZeRO-3's gathered module is freed after each forward."""
+    b = 2 if bf16 else 4
+    if placement == "replicated" or ranks == 1:
+        return b * shape.params
+    return 0.0 if placement == "offload" else b * shape.params / ranks
+
+
+def learner_resident(cfg: Config, shape: ModelShape, parts: dict[str, float], bf16: bool, offload: bool) -> dict[str, float]:
+    """What a colocated learner rank keeps on its GPU while the engine is awake (module docstring):
+    `parts` are learner_components'; offload moves the optimizer state and fp32 master to host."""
+    lc = cfg.learner
+    kept = {
+        "weights": parts["weights"],
+        "gradients": parts["gradients"] if lc.zero_stage in (0, 3) else 0.0,
+        "optimizer": 0.0 if offload else parts["optimizer"],
+        "reference": reference_resident_bytes(shape, lc.reference, lc.num_ranks, bf16) if cfg.algo.kl_beta > 0 else 0.0,
+    }
+    return kept | gpu_allowance(sum(kept.values()))
+
+
+def engine_host_bytes(cfg: Config, shape: ModelShape) -> dict[str, float]:
+    """Host memory a sleeping engine fills: its runtime and CUDA-graph pools at either level (the
+    CUDA_GRAPHS_GB allowance), its weights at rollout.sleep_level 1 (vLLM 0.32, CuMemBackend)."""
+    b = 4 if cfg.model.dtype == "float32" else 2
+    weights = float(b * shape.params) if cfg.rollout.sleep_level == 1 else 0.0
+    return {"engine_weights": weights, "engine_graphs_runtime": CUDA_GRAPHS_GB * GB}
