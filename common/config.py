@@ -58,6 +58,8 @@ class ModelConfig(Section):
     # The embedded default is SmolLM2-135M: the random tiny model (tests, smoke runs) cannot
     # learn to copy values out of a dialogue within a laptop's minutes (README, Training).
     name: str = "smollm2"
+    # The rollout engines' dtype. auto: the checkpoint's on a GPU and on a CPU with native bf16
+    # (avx512_bf16, AMX), float32 on a CPU that would emulate bf16 (4.3x slower: common.hardware).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     prompt_size: Literal["minimal", "compact", "full"] = "minimal"  # see actors.agent.prompts
     max_prompt_tokens: int = Field(2048, ge=64)
@@ -139,6 +141,12 @@ class AlgoConfig(Section):
     kl_beta: float = Field(0.001, ge=0)
     entropy_eta: float = Field(0.001, ge=0)
     adv_eps: float = Field(1e-6, gt=0)
+    # Rows from an older policy (train.max_staleness=1): "behaviour" takes PPO's ratio against the
+    # engine's logprobs; "decoupled" (AReaL) against a proximal policy, the learner's weights
+    # before the update (recomputed), times the behaviour importance weight pi_prox / pi_behav,
+    # truncated at tis_cap (learner.logo_grpo).
+    off_policy: Literal["behaviour", "decoupled"] = "behaviour"
+    tis_cap: float = Field(2.0, gt=0)
 
 
 class LearnerConfig(Section):
@@ -173,6 +181,10 @@ class LearnerConfig(Section):
     # Recompute each decoder layer in the backward pass instead of keeping its activations:
     # ~20x less activation memory per token for ~1.3x the compute. auto: on with CUDA, off on CPU.
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    # Compute a prompt prefix the samples of a micro-batch share once (learner.shared_prefix):
+    # the n lanes of a global group send the extractor one chunk prompt. auto: on on CPU (measured
+    # by `memr2 bench learner`), off on GPU (its dense mask keeps SDPA off the flash kernel).
+    shared_prefix: Literal["auto", "on", "off"] = "auto"
     # The frozen reference policy of the KL term. sharded: ZeRO-3 over the learner ranks (1/N of
     # a copy each; a full copy per rank is 15 GB at 7B); offload: sharded, parameters in host
     # memory; replicated: a full copy on every rank (fastest; fine for small models).
@@ -197,7 +209,7 @@ class LearnerConfig(Section):
     # awake engine and the resident learner do not fit one GPU together.
     offload_states: Literal["auto", "on", "off"] = "auto"
 
-    @field_validator("bf16", "gradient_checkpointing", "offload_states", mode="before")
+    @field_validator("bf16", "gradient_checkpointing", "offload_states", "shared_prefix", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
         # YAML reads a bare on/off (`learner.bf16=on`, `bf16: off`) as a boolean.
@@ -254,6 +266,10 @@ class TrainConfig(Section):
     # per parameter, 107 GB at 7.6B). One is also written at every stage's end and where max_steps
     # stops the run; a killed run resumes from the last one and repeats the steps after it, exactly.
     checkpoint_every: int = Field(1, ge=1)
+    # 1: the fleet runs step s+1's rollouts while the learner updates on step s's (one update
+    # behind; actors.fleet.ahead); 0: rollouts and updates alternate. Rows further behind than
+    # this are never trained on (Learner.prepare).
+    max_staleness: int = Field(0, ge=0, le=1)
     # Step checkpoints kept; one more exists while the next is written (run_outputs.checkpoint_disk_peak_files).
     keep_checkpoints: int = Field(1, ge=1)
     warmstart: WarmstartConfig = WarmstartConfig()
@@ -362,6 +378,8 @@ class Config(Section):
         c, ranks = self.cluster, self.learner.num_ranks
         if not c.colocate:
             return self
+        if self.train.max_staleness:
+            raise ValueError("cluster.colocate needs train.max_staleness=0: rollouts cannot run ahead on a GPU the update holds")
         if self.rollout.num_actors != ranks or {c.autoscale_min_actors, c.autoscale_max_actors} - {None, ranks}:
             raise ValueError(f"cluster.colocate: the fleet is fixed at learner.num_ranks ({ranks}) workers, one on each "
                              f"rank's GPU; set rollout.num_actors={ranks} and leave cluster.autoscale_min/max_actors unset")

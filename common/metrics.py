@@ -18,7 +18,8 @@ from common.config import Config
 GAUGES = (
     "reward_mean", "val_f1", "format_failures", "degenerate_groups", "tokens_per_s", "step_time_s",
     "rollout_s", "update_s", "sync_s", "loss", "kl", "entropy", "clip_frac", "m_fail_mean", "policy_version",
-    "answer_retries", "answer_failures", "learner_restarts",
+    "answer_retries", "answer_failures", "learner_restarts", "ahead_wait_s", "sleep_s", "wake_s",
+    "logp_mismatch", "logp_mismatch_kl", "staleness_mean", "stale_groups", "prefix_token_ratio",
 )
 
 

@@ -4,10 +4,15 @@ Every rank must run the same number of optimizer steps, each with the same numbe
 passes, or the ranks' collective calls fall out of step and hang.  So the shape of the work is
 fixed by the driver, not by each rank's row count:
 
-- rows are dealt round-robin over ranks after the group tables are concatenated in order, so
-  each group's steps spread evenly and shard sizes differ by at most one row;
+- rows are ordered by session (conversation, session), then prompt, and dealt to ranks in
+  contiguous blocks whose sizes differ by at most one row: a session's global group and its
+  local groups send the extractor the same chunk prompts, and rows with one prompt must share a
+  rank, a mini-batch and a micro-batch for learner.shared_prefix to compute the prompt once;
 - every rank cuts each epoch into the same number K of mini-batches, K = ceil(rows / mini_batch)
-  over the whole batch, and every mini-batch into exactly `accum` micro-batches;
+  over the whole batch, and every mini-batch into exactly `accum` micro-batches. An epoch
+  shuffles the sessions, not the rows: a mini-batch is a run of the shuffled order, so it holds
+  whole sessions where it can. Which rows a mini-batch holds changes nothing in how its update is
+  computed: every micro-batch's loss is its share of the mini-batch's pooled loss (ranks.py);
 - a micro-batch that comes out empty (fewer rows than slots) runs a zero-weight dummy forward and
   backward so the rank still joins the gradient reduction.
 """
@@ -30,6 +35,8 @@ class Rows:
     old_logprobs: list[list[float]]
     advantages: list[float]
     is_local: list[bool]
+    sessions: list[tuple[str, int]]  # (conversation, session): rows that may share prompts
+    prox_logprobs: list[list[float]] | None = None  # algo.off_policy=decoupled: the proximal policy's
 
     @classmethod
     def from_table(cls, table: pa.Table) -> Rows:
@@ -39,6 +46,7 @@ class Rows:
             table["logprobs"].to_pylist(),
             table["advantage"].to_pylist(),
             [k == "local" for k in table["group_kind"].to_pylist()],
+            list(zip(table["conversation"].to_pylist(), table["session"].to_pylist())),
         )
         for i, (r, lp) in enumerate(zip(rows.responses, rows.old_logprobs)):
             if len(r) != len(lp):
@@ -49,29 +57,39 @@ class Rows:
         return len(self.prompts)
 
     def select(self, idx: list[int]) -> Rows:
-        cols = (self.prompts, self.responses, self.old_logprobs, self.advantages, self.is_local)
-        return Rows(*([col[i] for i in idx] for col in cols))
+        cols = (self.prompts, self.responses, self.old_logprobs, self.advantages, self.is_local, self.sessions)
+        prox = None if self.prox_logprobs is None else [self.prox_logprobs[i] for i in idx]
+        return Rows(*([col[i] for i in idx] for col in cols), prox)
 
-    def old_logprobs_tensor(self, width: int) -> torch.Tensor:
-        """Behaviour logprobs right-padded to the packed response width."""
+    def old_logprobs_tensor(self, width: int, proximal: bool = False) -> torch.Tensor:
+        """Behaviour (or proximal) logprobs right-padded to the packed response width."""
         out = torch.zeros(len(self), width, dtype=torch.float32)
-        for b, lp in enumerate(self.old_logprobs):
+        for b, lp in enumerate(self.prox_logprobs if proximal else self.old_logprobs):
             out[b, : len(lp)] = torch.as_tensor(lp, dtype=torch.float32)
         return out
 
 
-def split_round_robin(table: pa.Table, world_size: int) -> list[pa.Table]:
-    """Deal rows to ranks in turn: shard k gets rows k, k+W, k+2W, ..."""
-    return [table.take(list(range(k, table.num_rows, world_size))) for k in range(world_size)]
+def split_for_ranks(table: pa.Table, world_size: int) -> list[pa.Table]:
+    """Rows ordered by session, then prompt (stable), cut into `world_size` contiguous shards."""
+    keys = list(zip(table["conversation"].to_pylist(), table["session"].to_pylist(), table["prompt_ids"].to_pylist()))
+    order = sorted(range(table.num_rows), key=lambda i: (keys[i], i))
+    return [table.take(block) for block in _split(order, world_size)]
 
 
 def mini_batches_per_epoch(total_rows: int, mini_batch: int) -> int:
     return max(1, math.ceil(total_rows / mini_batch))
 
 
-def plan_epoch(n_rows: int, n_mini: int, accum: int, generator: torch.Generator) -> list[list[list[int]]]:
-    """A shuffled epoch: n_mini mini-batches, each of exactly `accum` micro-batches (some may be empty)."""
-    order = torch.randperm(n_rows, generator=generator).tolist()
+def plan_epoch(rows: Rows, n_mini: int, accum: int, generator: torch.Generator, by_session: bool = True) -> list[list[list[int]]]:
+    """A shuffled epoch: n_mini mini-batches, each of exactly `accum` micro-batches (some may be
+    empty). Sessions are shuffled, rows within one stay in prompt order (module docstring);
+    `by_session=False` shuffles rows (the warm start's examples share no session)."""
+    if not by_session:
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        return [_split(mini, accum) for mini in _split(order, n_mini)]
+    sessions = sorted(set(rows.sessions))
+    rank = {key: k for k, key in enumerate(sessions[i] for i in torch.randperm(len(sessions), generator=generator).tolist())}
+    order = sorted(range(len(rows)), key=lambda i: (rank[rows.sessions[i]], rows.prompts[i], i))
     return [_split(mini, accum) for mini in _split(order, n_mini)]
 
 
@@ -86,20 +104,57 @@ def _split(items: list[int], parts: int) -> list[list[int]]:
     return out
 
 
-def split_by_tokens(rows: Rows, idx: list[int], budget: int) -> list[list[int]]:
-    """Micro-batches of at most `budget` padded tokens each (rows x (longest prompt + longest
-    response), the shape `learner.logprobs.pack` builds). Longest rows first, so rows of a length
-    share a micro-batch and little is padding; the pooled loss does not depend on the grouping. A
-    row longer than the budget alone goes alone (`memr2 plan` sizes the budget to the longest)."""
-    order = sorted(idx, key=lambda i: (len(rows.prompts[i]) + len(rows.responses[i]), i), reverse=True)
+def split_by_tokens(rows: Rows, idx: list[int], budget: int, shared: bool = False) -> list[list[int]]:
+    """Micro-batches of at most `budget` padded tokens each. A row longer than the budget alone
+    goes alone (`memr2 plan` sizes the budget to the longest).
+
+    Unshared: rows x (longest prompt + longest response), the shape `learner.logprobs.pack`
+    builds; longest rows first, so rows of a length share a micro-batch and little is padding.
+    Shared: the tokens `learner.shared_prefix.pack_shared` packs, rows kept in their order
+    (sessions, then prompts), so rows with one prompt stay together. The pooled loss does not
+    depend on the grouping."""
+    if shared:
+        from learner.shared_prefix import padded_tokens
+
+        order, cost = list(idx), lambda micro: padded_tokens([rows.prompts[i] for i in micro], [rows.responses[i] for i in micro])
+    else:
+        order = sorted(idx, key=lambda i: (len(rows.prompts[i]) + len(rows.responses[i]), i), reverse=True)
+        cost = lambda micro: len(micro) * (max(len(rows.prompts[i]) for i in micro) + max(len(rows.responses[i]) for i in micro))  # noqa: E731
     out: list[list[int]] = []
-    prompt = response = 0
     for i in order:
-        p, r = max(prompt, len(rows.prompts[i])), max(response, len(rows.responses[i]))
-        if out and (len(out[-1]) + 1) * (p + r) <= budget:
+        if out and cost(out[-1] + [i]) <= budget:
             out[-1].append(i)
-            prompt, response = p, r
         else:
             out.append([i])
-            prompt, response = len(rows.prompts[i]), len(rows.responses[i])
     return out
+
+
+def balanced_split(rows: Rows, idx: list[int], parts: int) -> list[list[int]]:
+    """`parts` contiguous runs of `idx` (some may be empty) whose largest shared-prefix cost
+    (learner.shared_prefix.padded_tokens) is as small as it can be, then their total: the runs
+    follow prompt boundaries, so 8 rows of one prompt can share a pass where 4 unshared rows
+    would fill it. Equal row counts would cut them apart."""
+    from learner.shared_prefix import padded_tokens
+
+    n = len(idx)
+    cost = [[0] * (n + 1) for _ in range(n + 1)]  # cost[j][i]: rows idx[j:i] in one pass
+    for j in range(n):
+        for i in range(j + 1, n + 1):
+            cost[j][i] = padded_tokens([rows.prompts[k] for k in idx[j:i]], [rows.responses[k] for k in idx[j:i]])
+    best = [(0, 0, None)] + [(cost[0][i], cost[0][i], None) for i in range(1, n + 1)]  # (max, sum, cut) with 1 part
+    cuts = [[None] * (n + 1)]
+    for _ in range(parts - 1):
+        row, choice = [], []
+        for i in range(n + 1):
+            options = [(max(best[j][0], cost[j][i]), best[j][1] + cost[j][i], j) for j in range(i + 1)]
+            pick = min(options)
+            row.append(pick)
+            choice.append(pick[2])
+        best, cuts = row, cuts + [choice]
+    out, end = [], n
+    for choice in reversed(cuts[1:]):
+        start = choice[end]
+        out.append(idx[start:end])
+        end = start
+    out.append(idx[:end])
+    return out[::-1]

@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.fleet.colocation import Colocation
 from actors.fleet.errors import one_line
 from common.config import AlgoConfig, LearnerConfig
-from learner.batching import mini_batches_per_epoch, split_round_robin
+from learner.batching import mini_batches_per_epoch, split_for_ranks
 from learner.engine import grad_accumulation
 from learner.logo_grpo import with_advantages
 from learner.ranks import LearnerRank
@@ -80,6 +80,7 @@ class Learner:
         self.journal: list[Callable[[], Any]] = []  # weight changes since it, to replay in order
         self.restarts = 0  # rank sets started again after a loss
         self._restarts_reported = 0
+        self.stale_groups = 0  # groups left out for exceeding train.max_staleness (prepare)
         self.group, self.ranks = None, []
         start = time.perf_counter()
         self._start_ranks()
@@ -205,7 +206,19 @@ class Learner:
         new, self._restarts_reported = self.restarts - self._restarts_reported, self.restarts
         return new
 
+    def take_stale_groups(self) -> int:
+        """Groups left out by prepare since the last call."""
+        new, self.stale_groups = self.stale_groups, 0
+        return new
+
     # ------------------------------------------------------------------ training
+
+    def admit(self, tables: Sequence[pa.Table], max_staleness: int) -> list[pa.Table]:
+        """The groups no row of which is more than `max_staleness` updates behind these weights;
+        the others are left out (counted in stale_groups): no update sees an older sample."""
+        fresh = [t for t in tables if t.num_rows and self.version - pc.min(t["policy_version"]).as_py() <= max_staleness]
+        self.stale_groups += len(tables) - len(fresh)
+        return fresh
 
     def prepare(self, tables: Sequence[pa.Table]) -> pa.Table:
         """Advantages per group, then one table in group order."""
@@ -222,7 +235,7 @@ class Learner:
         """One update over rows that carry their advantages; rank 0's (all-reduced) metrics.
         objective "sft" (the warm start) maximises the responses' token-mean log-likelihood.
         The shards stay in the object store until the next checkpoint: a restart replays them."""
-        shards = [ray.put(s) for s in split_round_robin(batch, self.cfg.num_ranks)]
+        shards = [ray.put(s) for s in split_for_ranks(batch, self.cfg.num_ranks)]
         n_mini = mini_batches_per_epoch(batch.num_rows, self.cfg.mini_batch)
         seed, version = self.seed * 1_000_003 + self.train_calls, self.version + 1
 
@@ -238,6 +251,7 @@ class Learner:
         metrics["groups"] = float(len(set(batch["group_id"].to_pylist())))
         lag = self.version - 1 - pc.min(batch["policy_version"]).as_py()  # updates since the oldest row
         metrics["policy_lag_max"] = float(lag)
+        metrics["staleness_mean"] = self.version - 1 - pc.mean(batch["policy_version"]).as_py()  # per row
         metrics["policy_version"] = float(self.version)
         return metrics
 

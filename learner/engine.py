@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import sys
 from functools import partial
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from common.config import LearnerConfig
+from common.hardware import cpu_has_native_bf16
 
 # Files of a HF model folder that are the tokenizer's, copied beside saved weights.
 TOKENIZER_FILES = (
@@ -68,19 +68,17 @@ def resolve_bf16(setting: str) -> bool:
         return False
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return _cpu_has_native_bf16()
+    return cpu_has_native_bf16()
 
 
 def resolve_on_off(setting: str, auto: bool) -> bool:
     return auto if setting == "auto" else setting == "on"
 
 
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no way to tell, so no silent precision change
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+def resolve_shared_prefix(cfg: LearnerConfig) -> bool:
+    """auto: on on CPU, where it was measured (`memr2 bench learner`); off on GPU, where the
+    dense prefix-aware mask keeps SDPA off its flash kernel and nobody has measured the trade."""
+    return resolve_on_off(cfg.shared_prefix, not torch.cuda.is_available())
 
 
 def grad_accumulation(cfg: LearnerConfig, world_size: int) -> int:

@@ -24,6 +24,14 @@ Two pieces:
 
        loss    = -sum_s w_s * obj_s
 
+   With algo.off_policy=decoupled (AReaL's decoupled PPO, for rows from an older policy), the
+   ratio is taken against the proximal policy (the learner's weights before this update, logprobs
+   recomputed without gradient), and the behaviour policy enters as a truncated importance weight:
+
+       log_rho = min(mean_t(logp_new - logp_prox), cap)
+       w_b     = min(exp(mean_t(logp_prox - logp_old)), tis_cap)          (no gradient)
+       pg      = w_b * [the clipped, dual-clipped surrogate above]
+
    The cap is applied from above only.  Its purpose is to keep exp() finite; below, rho -> 0 is
    harmless, and a floor would zero the gradient exactly where a positive-advantage sample
    whose probability collapsed needs it most.  The cap never cuts a gradient the objective would
@@ -132,13 +140,16 @@ def logo_grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    prox_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The pooled LoGo-GRPO loss of a batch of steps ([B, L] token tensors, [B] per sample).
 
     `weights`: the pooled-mean weights (`pool_weights`); default: this batch is the whole pool.
+    `prox_logprobs`: the proximal policy's, for algo.off_policy=decoupled (module docstring).
     Metrics: pg_loss, kl, entropy are pooled like the loss (loss = pg_loss + beta*kl - eta*entropy);
     clip_frac (share of samples whose ratio gradient the clip or dual clip cuts), dual_clip_frac,
-    cap_frac and ratio_mean are plain means over samples; n_global and n_local are counts.
+    cap_frac, ratio_mean and tis_weight_mean are plain means over samples; n_global and n_local
+    are counts.
     """
     mask = mask.to(new_logprobs.dtype)
     if weights is None:
@@ -146,10 +157,15 @@ def logo_grpo_loss(
     weights = weights.to(new_logprobs)
     adv = advantages.to(new_logprobs)
 
-    log_ratio = token_mean(new_logprobs - old_logprobs, mask)
+    anchor = old_logprobs if prox_logprobs is None else prox_logprobs  # decoupled: the proximal policy
+    log_ratio = token_mean(new_logprobs - anchor, mask)
     capped = log_ratio > cfg.log_ratio_cap
     rho = torch.exp(log_ratio.clamp(max=cfg.log_ratio_cap))
     pg = clipped_objective(rho, adv, cfg.clip_eps, cfg.dual_clip)
+    behaviour = torch.ones_like(pg)
+    if prox_logprobs is not None:
+        behaviour = torch.exp(token_mean(prox_logprobs - old_logprobs, mask)).clamp(max=cfg.tis_cap).detach()
+        pg = behaviour * pg
 
     zero = torch.zeros_like(pg)
     use_kl = cfg.kl_beta > 0 and ref_logprobs is not None
@@ -172,7 +188,16 @@ def logo_grpo_loss(
             "dual_clip_frac": float(dual.sum()) / n,
             "cap_frac": float(capped.sum()) / n,
             "ratio_mean": float(r.sum()) / n,
+            "tis_weight_mean": float(behaviour.sum()) / n,
             "n_global": int((~is_local.bool()).sum()),
             "n_local": int(is_local.bool().sum()),
         }
     return loss, metrics
+
+
+def mismatch(learner_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+    """The train/inference gap on the same tokens, as sums over real tokens: (sum |d|, sum k3,
+    tokens) with d = learner - engine. k3 = exp(d) - d - 1 estimates KL(engine || learner) from
+    the engine's own samples: how far bf16 engines and an fp32 learner disagree."""
+    d = (learner_logprobs - engine_logprobs) * mask
+    return float(d.abs().sum()), float(((torch.exp(d) - d - 1.0) * mask).sum()), float(mask.sum())

@@ -70,13 +70,27 @@ def packed_logprobs(
         use_cache=False,
     )
     # Position P-1+j predicts response token j; the last position predicts nothing we scored.
-    logits = out.logits[:, :-1, :].float()
-    log_probs = torch.log_softmax(logits, dim=-1)
+    return score_tokens(out.logits[:, :-1, :], packed, with_entropy)
+
+
+def score_tokens(
+    logits: torch.Tensor, packed: Packed, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, R] logprob (and entropy) of each response token from the [B, R, V] logits that predict
+    them; 0 on padding."""
     targets = packed.input_ids[:, packed.prompt_len :]
-    token_logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * packed.response_mask
-    entropy = None
-    if with_entropy:
-        entropy = -(log_probs.exp() * log_probs).sum(-1) * packed.response_mask
+    token_logprobs, entropy = score_targets(logits, targets, with_entropy)
+    return token_logprobs * packed.response_mask, None if entropy is None else entropy * packed.response_mask
+
+
+def score_targets(
+    logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Temperature-1 logprob of each target token, and the entropy of its distribution, from the
+    logits [..., V] that predict it (learner.shared_prefix scores the same way)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    token_logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
     return token_logprobs, entropy
 
 

@@ -21,14 +21,19 @@ import torch
 
 from common.config import AlgoConfig, LearnerConfig
 from learner import engine as eng
-from learner.batching import Rows, plan_epoch, split_by_tokens
-from learner.logo_grpo import logo_grpo_loss, pool_weights
+from learner.batching import Rows, balanced_split, plan_epoch, split_by_tokens
+from learner.logo_grpo import logo_grpo_loss, mismatch, pool_weights
 from learner.sft import sft_loss
 from learner.logprobs import pack, packed_logprobs, response_logprobs
+from learner.shared_prefix import pack_shared, shared_logprobs
 
 # Metrics pooled per mini-batch (summed over micro-batches and ranks) and per-sample means.
 POOLED = ("loss", "pg_loss", "kl", "entropy")
-PER_SAMPLE = ("clip_frac", "dual_clip_frac", "cap_frac", "ratio_mean")
+PER_SAMPLE = ("clip_frac", "dual_clip_frac", "cap_frac", "ratio_mean", "tis_weight_mean")
+# Summed over the epoch: tokens computed with and without shared prefixes; the engine/learner
+# logprob gap on the first mini-batch, before any optimizer step (|d logp|, k3 KL, tokens).
+TOKENS = ("computed_tokens", "unshared_tokens")
+MISMATCH = ("mismatch_abs_sum", "mismatch_k3_sum", "mismatch_tokens")
 
 
 class LearnerRank:
@@ -72,6 +77,7 @@ class LearnerRank:
         deepspeed.init_distributed(backend, auto_mpi_discovery=False, rank=self.rank, world_size=self.world)
         self.bf16 = eng.resolve_bf16(self.cfg.bf16)
         self.accum = eng.grad_accumulation(self.cfg, self.world)
+        self.shared_prefix = eng.resolve_shared_prefix(self.cfg)
         self.engine = eng.build_engine(model_dir, self.cfg, self.world, self.bf16)
         self.ref = None
         if self.algo.kl_beta > 0:
@@ -88,20 +94,25 @@ class LearnerRank:
         self.objective = objective
         start = time.perf_counter()
         rows = Rows.from_table(shard)
-        sums = dict.fromkeys(POOLED + PER_SAMPLE + ("grad_norm",), 0.0)
+        sums = dict.fromkeys(POOLED + PER_SAMPLE + TOKENS + MISMATCH + ("grad_norm",), 0.0)
         generator = torch.Generator().manual_seed(seed * 1009 + self.rank)
-        for _ in range(self.cfg.ppo_epochs):
-            for micro_idx in plan_epoch(len(rows), n_mini, self.accum, generator):
-                self._mini_batch(rows, micro_idx, sums)
+        if objective == "logo_grpo" and self.algo.off_policy == "decoupled":
+            rows.prox_logprobs = self._proximal(rows)
+        for epoch in range(self.cfg.ppo_epochs):
+            for k, micro_idx in enumerate(plan_epoch(rows, n_mini, self.accum, generator, objective == "logo_grpo")):
+                self._mini_batch(rows, micro_idx, sums, before_update=epoch == k == 0)
         steps = self.cfg.ppo_epochs * n_mini
-        totals = self._all_reduce(
-            [sums[k] for k in POOLED + PER_SAMPLE]
-            + [float(len(rows)), float(sum(len(r) for r in rows.responses))]
-        )
-        metrics = {k: totals[i] / steps for i, k in enumerate(POOLED)}
+        keys = POOLED + PER_SAMPLE + TOKENS + MISMATCH
+        totals = self._all_reduce([sums[k] for k in keys] + [float(len(rows)), float(sum(len(r) for r in rows.responses))])
+        total = dict(zip(keys, totals))
+        metrics = {k: total[k] / steps for k in POOLED}
         seen = max(totals[-2] * self.cfg.ppo_epochs, 1.0)
-        metrics |= {k: totals[len(POOLED) + i] / seen for i, k in enumerate(PER_SAMPLE)}
+        metrics |= {k: total[k] / seen for k in PER_SAMPLE}
+        scored = max(total["mismatch_tokens"], 1.0)
         metrics |= {
+            "prefix_token_ratio": total["computed_tokens"] / max(total["unshared_tokens"], 1.0),
+            "logp_mismatch": total["mismatch_abs_sum"] / scored,  # mean |engine - learner| per token
+            "logp_mismatch_kl": total["mismatch_k3_sum"] / scored,  # k3 KL(engine || learner) per token
             "grad_norm": sums["grad_norm"] / steps,  # before clipping, averaged over steps
             "samples": totals[-2],
             "tokens": totals[-1],
@@ -112,46 +123,74 @@ class LearnerRank:
             self.version = version
         return metrics
 
-    def _mini_batch(self, rows: Rows, micro_idx: list[list[int]], sums: dict[str, float]) -> None:
+    def _mini_batch(self, rows: Rows, micro_idx: list[list[int]], sums: dict[str, float], before_update: bool) -> None:
         """One optimizer step: `accum` backward passes (or as many as the token budget cuts the
-        longest rank's rows into), then the update."""
+        longest rank's rows into), then the update. `before_update`: no optimizer step yet, so
+        the learner's logprobs are the engine's policy's, in the learner's numerics."""
         flat = [i for micro in micro_idx for i in micro]
         n_local = sum(rows.is_local[i] for i in flat)
         counts = self._all_reduce([float(len(flat) - n_local), float(n_local)])
         budget = self.cfg.max_tokens_per_micro_batch
         if budget is not None:  # as many passes on every rank: the longest split sets the count
-            micro_idx = split_by_tokens(rows, flat, budget)
+            micro_idx = split_by_tokens(rows, flat, budget, self.shared_prefix)
             passes = int(self._all_reduce([float(len(micro_idx))], op="max")[0])
             micro_idx += [[] for _ in range(passes - len(micro_idx))]
+        elif self.shared_prefix:  # as many passes, cut where prompts change
+            micro_idx = balanced_split(rows, flat, len(micro_idx))
         for k, idx in enumerate(micro_idx):
             # The boundary is set by hand: under a token budget the number of passes varies.
             self.engine.set_gradient_accumulation_boundary(k == len(micro_idx) - 1)
             if idx:
-                self._micro_batch(rows.select(idx), (int(counts[0]), int(counts[1])), sums)
+                self._micro_batch(rows.select(idx), (int(counts[0]), int(counts[1])), sums, before_update)
             else:
                 self._dummy_backward()
             self.engine.step()  # DeepSpeed only updates at the accumulation boundary
         norm = self.engine.get_global_grad_norm()
         sums["grad_norm"] += float(norm) if norm is not None else float("nan")
 
-    def _micro_batch(self, rows: Rows, counts: tuple[int, int], sums: dict[str, float]) -> None:
-        packed = pack(rows.prompts, rows.responses).to(self.engine.device)
-        new, entropy = packed_logprobs(self.engine, packed, with_entropy=True)
+    def _proximal(self, rows: Rows) -> list[list[float]]:
+        """The proximal policy's logprobs (these weights, before the update), micro-batch by
+        micro-batch without gradient: the anchor of the decoupled objective."""
+        out: list[list[float]] = []
+        with torch.no_grad():
+            for start in range(0, len(rows), self.cfg.micro_batch):
+                part = rows.select(list(range(start, min(start + self.cfg.micro_batch, len(rows)))))
+                lp, _, _ = response_logprobs(self.engine, part.prompts, part.responses)
+                out += [lp[b, : len(r)].float().tolist() for b, r in enumerate(part.responses)]
+        return out
+
+    def _micro_batch(self, rows: Rows, counts: tuple[int, int], sums: dict[str, float], before_update: bool) -> None:
+        if self.shared_prefix:
+            packed = pack_shared(rows.prompts, rows.responses).to(self.engine.device)
+            score, mask = shared_logprobs, packed.response_mask
+            sums["computed_tokens"] += packed.computed_tokens
+            sums["unshared_tokens"] += packed.unshared_tokens
+        else:
+            packed = pack(rows.prompts, rows.responses).to(self.engine.device)
+            score, mask = packed_logprobs, packed.response_mask
+            tokens = sum(len(p) + len(r) for p, r in zip(rows.prompts, rows.responses))
+            sums["computed_tokens"] += tokens
+            sums["unshared_tokens"] += tokens
+        new, entropy = score(self.engine, packed, with_entropy=True)
         if self.algo.entropy_eta == 0:
             entropy = entropy.detach()  # still logged; no bonus, so no backward through it
         ref = None
         if self.ref is not None:
             with torch.no_grad():
-                ref, _ = packed_logprobs(self.ref, packed)
+                ref, _ = score(self.ref, packed)
         device = new.device
-        old = rows.old_logprobs_tensor(packed.response_mask.shape[1]).to(device)
+        old = rows.old_logprobs_tensor(mask.shape[1]).to(device)
+        if before_update:
+            for k, v in zip(MISMATCH, mismatch(new.detach(), old, mask)):
+                sums[k] += v
         adv = torch.tensor(rows.advantages, dtype=torch.float32, device=device)
         is_local = torch.tensor(rows.is_local, device=device)
         weights = pool_weights(is_local.cpu(), self.algo.local_weight, *counts).to(device)
         if self.objective == "sft":
-            loss, m = sft_loss(new, packed.response_mask, weights, entropy)
+            loss, m = sft_loss(new, mask, weights, entropy)
         else:
-            loss, m = logo_grpo_loss(new, old, packed.response_mask, adv, is_local, self.algo, ref, entropy, weights)
+            prox = None if rows.prox_logprobs is None else rows.old_logprobs_tensor(mask.shape[1], proximal=True).to(device)
+            loss, m = logo_grpo_loss(new, old, mask, adv, is_local, self.algo, ref, entropy, weights, prox)
         self.engine.backward(loss * self.world, scale_wrt_gas=False)
         sums["loss"] += float(loss.detach())
         for k in POOLED[1:]:

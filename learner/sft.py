@@ -16,5 +16,5 @@ def sft_loss(new_logprobs: torch.Tensor, mask: torch.Tensor, weights: torch.Tens
     nll = -token_mean(new_logprobs, mask)
     loss = (weights * nll).sum()
     ent = float((weights * token_mean(entropy, mask)).sum()) if entropy is not None else 0.0
-    metrics = {"pg_loss": float(loss.detach()), "kl": 0.0, "entropy": ent, "clip_frac": 0.0, "dual_clip_frac": 0.0, "cap_frac": 0.0, "ratio_mean": 1.0}
+    metrics = {"pg_loss": float(loss.detach()), "kl": 0.0, "entropy": ent, "clip_frac": 0.0, "dual_clip_frac": 0.0, "cap_frac": 0.0, "ratio_mean": 1.0, "tis_weight_mean": 1.0}
     return loss, metrics

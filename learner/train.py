@@ -18,7 +18,8 @@ from actors.engines.models import check_model_name
 from actors.fleet.cluster import Asks, fleet_asks, init_ray
 from actors.fleet.colocation import Colocation, pair_bundle, pair_resources
 from actors.fleet.fleet import RolloutFleet, worker_resources
-from actors.fleet.tasks import plan_step
+from actors.fleet.ahead import RolloutsAhead
+from actors.fleet.tasks import StepPlan, plan_step
 from common.config import Config
 from common.data import load_dataset, split
 from common.scoring import bootstrap_ci
@@ -29,32 +30,45 @@ from learner.run_outputs import Resume, RunDir, TrainState
 from learner.warmstart import warm_model
 from learner.weight_sync import check_sync_mode, sync_weights
 
+# The update's numbers every step row carries (the learner's metrics name them).
+UPDATE_METRICS = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "policy_version", "prefix_token_ratio",
+                  "logp_mismatch", "logp_mismatch_kl", "staleness_mean", "policy_lag_max")
 
-def train_step(fleet: RolloutFleet, learner: Learner, conversations: list[Conversation], horizon: int, step: int) -> dict:
+
+def train_step(fleet: RolloutFleet, learner: Learner, ahead: RolloutsAhead, plan: StepPlan, next_plan: StepPlan | None) -> dict:
     t0 = time.perf_counter()
-    # One global task per conversation; local tasks from anchors drawn before any rollout starts.
-    plan = plan_step(fleet.cfg, conversations, horizon, step)
     # n global rollouts each (rewards r_G(i, t)) and, as soon as an anchor's snapshot M_{t-1}
-    # exists, m branches of session t from it (rewards r_L), on whichever workers are live.
-    batch = fleet.run(plan)
+    # exists, m branches of session t from it (rewards r_L), on whichever workers are live. With
+    # train.max_staleness=1 they ran during the last update, on the weights before it.
+    batch = ahead.take(plan)
     t1 = time.perf_counter()
-    update, sleep_s, wake_s, sync_s = {}, 0.0, 0.0, 0.0
-    if batch.groups:  # groups whose rewards all tie carry no signal: dropped (and counted) above
+    update, update_s, sleep_s, wake_s, sync_s, wait_s = {}, 0.0, 0.0, 0.0, 0.0, 0.0
+    # Groups whose rewards all tie carry no signal (dropped, counted above); nor may a group
+    # generated more than train.max_staleness updates ago.
+    groups = learner.admit([g.table for g in batch.groups], ahead.max_staleness)
+    if groups:
         sleep_s = fleet.sleep() + learner.reload_states()  # colocated: the GPU goes to the update
-        rows = learner.prepare([g.table for g in batch.groups])  # advantages: z-scores within each group
+        rows = learner.prepare(groups)  # advantages: z-scores within each group
+        ahead.start(next_plan)  # max_staleness=1: the next step's rollouts, during this update
+        t2 = time.perf_counter()
         update = learner.update(rows)  # the LoGo-GRPO update
+        update_s = time.perf_counter() - t2
         wake_s = learner.offload_states() + fleet.wake(["weights"])  # colocated: the engine's weights back
+        wait_s = ahead.wait()  # the rollouts ahead end before the engines take new weights
         sync_s = sync_weights(learner, fleet)  # new weights, new policy version
         wake_s += fleet.wake(["kv_cache"])  # colocated: room for the next rollouts
     return {
         **batch.summary(),
-        "rollout_s": t1 - t0,
-        "update_s": time.perf_counter() - t1 - sleep_s - wake_s - sync_s,
+        "rollout_s": batch.wall_s,  # the rollouts' own time, run now or ahead
+        "rollout_wait_s": t1 - t0,  # what this step waited for them
+        "update_s": update_s,
+        "ahead_wait_s": wait_s,
         "sync_s": sync_s,
         "sleep_s": sleep_s,
         "wake_s": wake_s,
         "step_time_s": time.perf_counter() - t0,
-        **{k: update[k] for k in ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "policy_version") if k in update},
+        **{k: update[k] for k in UPDATE_METRICS if k in update},
+        "stale_groups": learner.take_stale_groups(),
         "live_workers": len(fleet.live()),
         **fleet.take_faults(),  # worker_failures, tasks_retried, duplicate_results in this step
         "learner_restarts": learner.take_restarts(),  # rank sets recovered in this step
@@ -102,10 +116,12 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     learner.offload = resolve_offload_states(cfg, gpu_memory_gb) == "on"  # what `memr2 plan` resolves
     learner.offload_states()  # colocated: the engines start awake beside it
     fleet = RolloutFleet(cfg, run=out.name, other_bundles=job_asks(cfg).get("learner rank", []), colocation=colocation)
+    ahead = RolloutsAhead(fleet, cfg.train.max_staleness)
     state = TrainState()
     if out.resumed:
         state = out.load_state()
         learner.load_checkpoint(str(out.checkpoints), state.checkpoint)
+        ahead.load(out.checkpoints / state.checkpoint)  # rollouts made before the kill, not yet trained on
         out.metrics.truncate_after(state.step)  # steps after the checkpoint: repeated below
     sync_weights(learner, fleet)  # engines start from the learner's weights, version stamped
     if state.val_f1_start is None:
@@ -116,7 +132,10 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
         stage = stages[state.stage]
         batches = epoch_batches(data["train"], cfg.train.conversations_per_step, cfg.seed, state.stage, state.epoch)
         while state.batch < len(batches) and not _stop(cfg, state):
-            row = train_step(fleet, learner, batches[state.batch], stage.horizon, state.step)
+            plan = plan_step(cfg, batches[state.batch], stage.horizon, state.step)
+            following = _following(cfg, data["train"], state, batches)
+            next_plan = following and plan_step(cfg, following, stage.horizon, state.step + 1)
+            row = train_step(fleet, learner, ahead, plan, next_plan)
             state.step, state.batch = state.step + 1, state.batch + 1
             out.metrics.write({"step": state.step, "stage": state.stage, "horizon": stage.horizon, **row}, out.name)
             bar.update()
@@ -125,7 +144,7 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
             if epoch_done:  # moves on to the next epoch, maybe the next stage
                 _end_epoch(cfg, out, fleet, learner, data["val"], val_horizon, state)
             if checkpoint_due(cfg, state, stage_done=epoch_done and state.epoch == 0):  # epoch 0 of the next
-                _checkpoint(out, learner, state)
+                _checkpoint(out, learner, state, ahead)
             if epoch_done:
                 break
     bar.close()
@@ -144,6 +163,7 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     }
     out.write_summary(summary)
     out.plot()
+    ahead.shutdown()
     fleet.shutdown()
     learner.shutdown()
     if colocation:
@@ -189,6 +209,19 @@ def _stop(cfg: Config, state: TrainState) -> bool:
     return cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
 
 
+def _following(cfg: Config, train: list[Conversation], state: TrainState, batches: list[list[Conversation]]) -> list[Conversation] | None:
+    """The next step's conversations if it trains at this stage's horizon on these weights (its
+    rollouts may then run ahead); None where the stage or the curriculum ends (a stage starts
+    from the best weights, which rollouts run ahead would not have used). Past train.max_steps
+    too: the run's last checkpoint keeps them, so a resumed run trains on what an unstopped one
+    would have."""
+    if state.batch + 1 < len(batches):
+        return batches[state.batch + 1]
+    if state.epoch + 1 < cfg.curriculum.stages[state.stage].epochs:
+        return epoch_batches(train, cfg.train.conversations_per_step, cfg.seed, state.stage, state.epoch + 1)[0]
+    return None
+
+
 def checkpoint_due(cfg: Config, state: TrainState, stage_done: bool) -> bool:
     """Every checkpoint_every steps, which bounds the steps a kill repeats. At a stage's end too:
     the next stage's start (best weights, fresh optimizer) is then in a checkpoint, so a resume
@@ -227,13 +260,15 @@ def _validate(out: RunDir, fleet: RolloutFleet, val: list[Conversation], horizon
     return result["val_f1"]
 
 
-def _checkpoint(out: RunDir, learner: Learner, state: TrainState) -> None:
-    """Weights first under a new tag, then the state naming it: a kill at any point resumes from a
-    state and weights of the same step. Then what that state no longer needs goes (out.prune)."""
+def _checkpoint(out: RunDir, learner: Learner, state: TrainState, ahead: RolloutsAhead) -> None:
+    """Weights (and rollouts run ahead) first under a new tag, then the state naming it: a kill at
+    any point resumes from a state and weights of the same step. Then what that state no longer
+    needs goes (out.prune)."""
     out.prune(state.best)  # a killed run's leftovers first: this step's tag may be one of them
     tag = f"step{state.step}"
     with out.writing(out.checkpoints / tag, learner.checkpoint_bytes()):
         learner.save_checkpoint(str(out.checkpoints), tag)
+        ahead.save(out.checkpoints / tag)
         state.checkpoint = tag
         out.save_state(state)
     out.prune(state.best)

@@ -72,6 +72,18 @@ def _cmd_bench_sync(args: argparse.Namespace) -> int:
     return _print(run_sync_bench(args.repeats, args.overrides), args.json)
 
 
+def _cmd_bench_learner(args: argparse.Namespace) -> int:
+    from learner.bench_learner import run_learner_bench
+
+    return _print(run_learner_bench(args.overrides, args.repeats, args.rows), args.json)
+
+
+def _cmd_bench_async(args: argparse.Namespace) -> int:
+    from learner.bench_async import run_async_bench
+
+    return _print(run_async_bench(args.overrides), args.json)
+
+
 def _cmd_bench_rollout(args: argparse.Namespace) -> int:
     from actors.fleet.bench import bench_config, run_rollout_bench
 
@@ -202,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--json", action="store_true")
     sync.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
     sync.set_defaults(fn=_cmd_bench_sync)
+    learner_bench = bench.add_parser("learner", help="one embedded-default step's rows through the update with and "
+                                                     "without shared prompt prefixes: times, speedup, gradient difference")
+    learner_bench.add_argument("--repeats", type=int, default=2)
+    learner_bench.add_argument("--rows", metavar="FILE.parquet", help="step rows to read if the file exists (with "
+                               "model.name=<the folder they came from>), else to write this run's to")
+    learner_bench.add_argument("--json", action="store_true")
+    learner_bench.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
+    learner_bench.set_defaults(fn=_cmd_bench_learner)
+    async_bench = bench.add_parser("async", help="the embedded default's training with train.max_staleness 0 and 1, "
+                                                 "one worker and the learner on one core each: steps/h, staleness, val F1")
+    async_bench.add_argument("--json", action="store_true")
+    async_bench.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
+    async_bench.set_defaults(fn=_cmd_bench_async)
     rollout_bench = bench.add_parser("rollout", help="a rollout worker's tokens/s against vLLM's own LLM.generate on the "
                                                      "same requests, engine and concurrency (SmolLM2)")
     rollout_bench.add_argument("--json", action="store_true")

@@ -12,7 +12,9 @@ import signal
 import pytest
 import ray
 
+from actors.fleet.ahead import RolloutsAhead
 from actors.fleet.fleet import RolloutFleet
+from actors.fleet.tasks import plan_step
 from common.config import ConfigError, load_config
 from common.data import load_dataset, split
 from learner.deepspeed_learner import Learner
@@ -42,7 +44,7 @@ def run_two_steps(cfg, check=None):
     try:
         sync_weights(learner, fleet)
         for step in range(2):
-            row = train_step(fleet, learner, conversations, 2, step)
+            row = train_step(fleet, learner, RolloutsAhead(fleet, 0), plan_step(cfg, conversations, 2, step), None)
             prints = ray.get([s.handle.weight_fingerprint.remote() for s in sorted(fleet.live(), key=lambda s: s.worker_id)])
             out.append((row.get("loss"), row["sleep_s"], row["wake_s"], prints))
         if check:
@@ -64,7 +66,7 @@ def test_colocated_steps_match_the_disaggregated_run_and_a_killed_worker_returns
         victim = next(s for s in fleet.live() if s.bundle == 1)
         os.kill(victim.info["pid"], signal.SIGKILL)
         conversations = split(load_dataset(cfg.data), cfg.data)["train"]
-        row = train_step(fleet, learner, conversations, 2, 2)
+        row = train_step(fleet, learner, RolloutsAhead(fleet, 0), plan_step(cfg, conversations, 2, 2), None)
         assert row["worker_failures"] == 1
         fleet.await_target()
         back = next(s for s in fleet.live() if s.bundle == 1)

@@ -33,11 +33,15 @@ def test_yaml_then_dotted_overrides(tmp_path):
         ("seed.x=1", "config key seed is a value, not a section"),
         ("rollout.n_global=1", "config rollout.n_global: Input should be greater than or equal to 2, got 1"),
         ("curriculum.stages=[]", "config curriculum.stages: needs at least one stage, e.g. [{horizon: 2, epochs: 1}], got []"),
+        ("train.max_staleness=2", "config train.max_staleness: Input should be less than or equal to 1, got 2"),
+        ("learner.shared_prefix=maybe", "config learner.shared_prefix: Input should be 'auto', 'on' or 'off'"),
+        ("cluster.colocate=true train.max_staleness=1 rollout.num_actors=1", "cluster.colocate needs train.max_staleness=0"),
+        ("algo.off_policy=proximal", "config algo.off_policy: Input should be 'behaviour' or 'decoupled'"),
     ],
 )
 def test_bad_keys_and_values_fail_with_one_line_naming_the_field(override, expected):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, override.split(" "))
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
 

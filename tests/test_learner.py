@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from common.config import AlgoConfig, LearnerConfig
 from common.types import StepSample, samples_to_table
-from learner.batching import Rows, plan_epoch, split_by_tokens, split_round_robin
+from learner.batching import Rows, plan_epoch, split_by_tokens, split_for_ranks
 from learner.deepspeed_learner import Learner
 from learner.logprobs import response_logprobs
 
@@ -118,7 +118,7 @@ def test_batched_logprobs_equal_unpadded_forwards(model_dir):
 
 def test_a_token_budget_cuts_micro_batches_by_padded_tokens():
     rows = Rows([[1] * n for n in (10, 3, 30, 4, 8)], [[2] * n for n in (5, 5, 50, 1, 2)],
-                [[0.0] * n for n in (5, 5, 50, 1, 2)], [0.0] * 5, [False] * 5)
+                [[0.0] * n for n in (5, 5, 50, 1, 2)], [0.0] * 5, [False] * 5, [("c", 1)] * 5)
     micro = split_by_tokens(rows, [0, 1, 2, 3, 4], budget=32)
     assert sorted(i for m in micro for i in m) == [0, 1, 2, 3, 4]
     assert micro[0] == [2]  # 80 tokens: over the budget, alone
@@ -131,13 +131,20 @@ def test_every_rank_plans_the_same_number_of_steps_and_backwards():
     g = torch.Generator().manual_seed(0)
     import pyarrow as pa
 
-    table = pa.table({"x": list(range(11))})
-    shards = split_round_robin(table, 2)
-    assert [s["x"].to_pylist() for s in shards] == [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9]]
+    sessions = [("b", 1), ("a", 2), ("a", 1)] * 3 + [("a", 1), ("b", 1)]
+    table = pa.table({"x": list(range(11)), "conversation": [c for c, _ in sessions],
+                      "session": [t for _, t in sessions], "prompt_ids": [[i % 2] for i in range(11)]})
+    shards = split_for_ranks(table, 2)  # by session, then prompt: a session's prompts share a rank
+    assert [s["x"].to_pylist() for s in shards] == [[2, 8, 5, 9, 4, 1], [7, 0, 6, 10, 3]]
     for n in (6, 5, 1, 0):
-        plan = plan_epoch(n, 2, 3, g)
+        rows = Rows([[i % 3] for i in range(n)], [[1]] * n, [[0.0]] * n, [0.0] * n, [False] * n, [("c", i % 2) for i in range(n)])
+        plan = plan_epoch(rows, 2, 3, g)
         assert [len(mini) for mini in plan] == [3, 3]
-        assert sorted(i for mini in plan for micro in mini for i in micro) == list(range(n))
+        flat = [i for mini in plan for micro in mini for i in micro]
+        assert sorted(flat) == list(range(n))
+        runs = [rows.sessions[i] for k, i in enumerate(flat) if k == 0 or rows.sessions[i] != rows.sessions[flat[k - 1]]]
+        assert len(runs) == len(set(runs))  # each session's rows in one run, in prompt order
+        assert all(rows.prompts[a] <= rows.prompts[b] for a, b in zip(flat, flat[1:]) if rows.sessions[a] == rows.sessions[b])
 
 
 # ---------------------------------------------------------------- Ray + DeepSpeed
@@ -271,3 +278,33 @@ def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir, budget):
     assert set(one_state) == set(rank0) and all(one_state[k].shape == rank0[k].shape for k in rank0)
     for k in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "samples", "tokens"):
         assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), k
+
+
+def test_shared_prefixes_give_the_same_update_and_count_the_tokens_they_save(ray_local, model_dir):
+    """Both sample kinds, ragged responses, 8 rows on one 40-token chunk prompt (a global group's
+    lanes and a local group's branches): one update with learner.shared_prefix on and off lands
+    on the same weights (fp32), computing fewer tokens. The behaviour logprobs are the learner's
+    own, so the train/inference mismatch it logs is ~0."""
+    g = torch.Generator().manual_seed(11)
+    chunk = tokens(g, 40)
+    samples = []
+    for kind, gid, n in (("global", "c/s1", 5), ("local", "c/s1/anchor0", 3)):
+        rows = [(chunk, tokens(g, 2 + 3 * i)) for i in range(n)] + [(tokens(g, 30), tokens(g, 4))]
+        samples += [(kind, gid, i, p, r) for i, (p, r) in enumerate(rows)]
+    results = {}
+    for shared in ("off", "on"):
+        with Learner(model_dir, AlgoConfig(), config(gradient_checkpointing="off", shared_prefix=shared, mini_batch=8,
+                                                     micro_batch=4, ppo_epochs=1)) as lrn:
+            lp, _ = lrn.logprobs([s[3] for s in samples], [s[4] for s in samples])
+            tables = [samples_to_table([StepSample("extractor", p, r, lp[j, : len(r)].tolist(), "c", 1, gid, kind, i, float(i % 3))
+                                        for j, (kind, gid, i, p, r) in enumerate(samples) if gid == group])
+                      for group in ("c/s1", "c/s1/anchor0")]
+            metrics = lrn.train(tables)
+            results[shared] = (metrics, summed_logprobs(lrn, tables))
+    (off, off_after), (on, on_after) = results["off"], results["on"]
+    assert off["prefix_token_ratio"] == 1.0 and on["prefix_token_ratio"] < 0.6
+    for k in ("loss", "pg_loss", "kl", "entropy", "grad_norm"):
+        assert on[k] == pytest.approx(off[k], rel=1e-4, abs=1e-6), k
+    # Adam's first step is ~lr * sign(g): compare what the weights do, not their last bits.
+    assert torch.allclose(on_after, off_after, atol=1e-4)
+    assert on["logp_mismatch"] < 1e-4 and abs(on["logp_mismatch_kl"]) < 1e-6

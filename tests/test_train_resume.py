@@ -38,9 +38,13 @@ def saved(run: Path) -> tuple[int, list[str], list[str]]:
     return step, sorted(p.name for p in (run / "checkpoints").glob("step*")), sorted(p.name for p in run.glob("best-*"))
 
 
-def test_stopped_and_killed_runs_resume_to_the_identical_next_steps(tmp_path, warm_tiny):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_stopped_and_killed_runs_resume_to_the_identical_next_steps(tmp_path, warm_tiny, staleness):
+    """With train.max_staleness=1 step 1 runs step 2's rollouts ahead (same stage), step 3 step
+    4's: the stopped run's last checkpoint (step 3) keeps them, the killed run's (step 2) has none
+    to keep, and both must still reach the steps of an unbroken run."""
     warm = warm_tiny
-    base = [*RUN, f"model.name={warm}", f"metrics.run_dir={tmp_path}"]
+    base = [*RUN, f"model.name={warm}", f"metrics.run_dir={tmp_path}", f"train.max_staleness={staleness}"]
 
     # Stopped by max_steps after step 3: checkpointed there, though 3 is no multiple of 2; with
     # keep_checkpoints=1 step 2's is gone. Then resumed to the end, step 4.
@@ -84,6 +88,9 @@ def test_stopped_and_killed_runs_resume_to_the_identical_next_steps(tmp_path, wa
         for key in ("reward_mean", "format_failures", "generated_tokens", "degenerate_groups", "global_groups", "local_groups", "loss", "grad_norm", "policy_version"):
             assert killed[s].get(key) == pytest.approx(stopped[s].get(key), rel=1e-6, abs=1e-9), (s, key)
     assert saved(tmp_path / "killed")[2] == saved(tmp_path / "stopped")[2]
+    # Overlapped: steps 2 and 4 trained on rows one update old (3's ran after a stage's start).
+    assert [stopped[s].get("staleness_mean") for s in (2, 4)] == [pytest.approx(staleness)] * 2
+    assert stopped[3]["staleness_mean"] == pytest.approx(0)
     for name in ("stopped", "killed"):
         out = tmp_path / name
         assert (out / "summary.json").is_file() and (out / "learning_curve.png").stat().st_size > 0

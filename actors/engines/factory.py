@@ -34,6 +34,11 @@ def make_engine(model_dir: str | Path, engine: str = "vllm", seed: int = 0, max_
                                "or set rollout.engine=transformers for the slow fallback")
         log.warning("vllm is not installed; falling back to the transformers engine")
         engine = "transformers"
+    import torch
+
+    from common.hardware import resolve_engine_dtype
+
+    dtype = resolve_engine_dtype(dtype, torch.cuda.is_available())  # auto: fp32 where bf16 is emulated
     if engine == "vllm":
         from actors.engines.vllm_engine import VLLMEngine
 

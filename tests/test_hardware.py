@@ -1,0 +1,45 @@
+"""`auto` dtypes follow what the processor computes natively (common.hardware)."""
+
+import torch
+
+from common.hardware import cpu_flags, cpu_has_native_bf16, resolve_engine_dtype
+from learner import engine
+
+ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n"
+GRAVITON = "processor\t: 0\nFeatures\t: fp asimd bf16 sve\n"
+
+
+def test_flags_are_read_from_cpuinfo():
+    assert {"avx2", "fma"} <= cpu_flags(ZEN3)
+    assert not cpu_has_native_bf16(ZEN3)
+    assert cpu_has_native_bf16(SAPPHIRE)
+    assert not cpu_has_native_bf16(GRAVITON)  # no x86 bf16 flag: fp32, never a silent emulation
+    assert cpu_flags("") == set()
+
+
+def test_engine_dtype_auto_is_fp32_without_native_bf16():
+    assert resolve_engine_dtype("auto", cuda=False, cpuinfo=ZEN3) == "float32"
+    assert resolve_engine_dtype("auto", cuda=False, cpuinfo=SAPPHIRE) == "auto"  # the checkpoint's (bf16)
+    assert resolve_engine_dtype("auto", cuda=True, cpuinfo=ZEN3) == "auto"
+    assert resolve_engine_dtype("bfloat16", cuda=False, cpuinfo=ZEN3) == "bfloat16"  # asked for: kept
+
+
+def test_learner_bf16_auto_follows_the_same_flags(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cpuinfo, want in ((ZEN3, False), (SAPPHIRE, True)):
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda c=cpuinfo: cpu_has_native_bf16(c))
+        assert engine.resolve_bf16("auto") is want
+    assert engine.resolve_bf16("on") and not engine.resolve_bf16("off")
+
+
+def test_an_engine_built_with_auto_computes_in_the_native_dtype(monkeypatch):
+    import common.hardware as hw
+    from actors.engines.factory import make_engine
+    from actors.engines.models import resolve_model
+
+    model = resolve_model("tiny")  # a bf16 checkpoint
+    for cpuinfo, want in ((ZEN3, torch.float32), (SAPPHIRE, torch.bfloat16)):
+        monkeypatch.setattr(hw, "cpu_flags", lambda c=None, info=cpuinfo: set(info.split("flags\t\t: ")[1].split()))
+        built = make_engine(model, engine="transformers", dtype="auto")
+        assert built.model.dtype == want
