@@ -7,7 +7,7 @@ arm gets more compute than the other. Both runs start from one warm start (made 
 the same steps; steps per hour count the training steps' own time (step_time_s: rollouts the
 step waited for, update, sync), not the validations both runs share. Reported: the speedup, the
 async run's mean staleness (updates between the policy that generated a row and the update that
-trains on it, averaged over rows, then steps), and each run's final validation F1 with the sync
+trains on it, averaged over rows, then over the steps that updated), and each run's final validation F1 with the sync
 run's 95% interval, the noise the async F1 is to be read against.
 """
 
@@ -68,7 +68,7 @@ def _measure(summary: dict, run_dir: Path) -> dict:
     return {
         "steps": len(steps),
         "steps_per_h": 3600 * len(steps) / sum(r["step_time_s"] for r in steps),
-        "staleness": statistics.fmean(r.get("staleness_mean", 0.0) for r in steps),
+        "staleness": statistics.fmean([r["staleness_mean"] for r in steps if "staleness_mean" in r] or [0.0]),  # steps that updated
         "val_f1_start": summary["val_f1_start"],
         "val_f1_end": summary["val_f1_end"],
         "val_f1_end_ci": summary.get("val_f1_end_ci"),

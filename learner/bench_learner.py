@@ -24,7 +24,7 @@ from actors.fleet.cluster import init_ray
 from actors.fleet.fleet import RolloutFleet
 from actors.fleet.tasks import plan_step
 from common.config import Config, load_config
-from learner.batching import Rows, plan_epoch, split_for_ranks
+from learner.batching import Rows, plan_epoch
 from learner.deepspeed_learner import Learner
 from learner.logo_grpo import logo_grpo_loss, pool_weights
 from learner.logprobs import pack, packed_logprobs
@@ -97,9 +97,9 @@ def _gradient_check(cfg: Config, model_dir: str, rows: pa.Table) -> tuple[float,
 
     model = AutoModelForCausalLM.from_pretrained(str(resolve_model(model_dir)), dtype=torch.float32)
     model.train()
-    shard = Rows.from_table(split_for_ranks(rows, 1)[0])
+    shard = Rows.from_table(rows)
     n_mini = max(1, -(-len(shard) // cfg.learner.mini_batch))
-    first = plan_epoch(shard, n_mini, 1, torch.Generator().manual_seed(0))[0][0]
+    first = plan_epoch(len(shard), n_mini, 1, torch.Generator().manual_seed(0))[0][0]
     mini = shard.select(first)
     grads = []
     for packed, score in ((pack(mini.prompts, mini.responses), packed_logprobs),

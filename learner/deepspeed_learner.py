@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.fleet.colocation import Colocation
 from actors.fleet.errors import one_line
 from common.config import AlgoConfig, LearnerConfig
-from learner.batching import mini_batches_per_epoch, split_for_ranks
+from learner.batching import mini_batches_per_epoch, split_round_robin
 from learner.engine import grad_accumulation
 from learner.logo_grpo import with_advantages
 from learner.ranks import LearnerRank
@@ -235,7 +235,7 @@ class Learner:
         """One update over rows that carry their advantages; rank 0's (all-reduced) metrics.
         objective "sft" (the warm start) maximises the responses' token-mean log-likelihood.
         The shards stay in the object store until the next checkpoint: a restart replays them."""
-        shards = [ray.put(s) for s in split_for_ranks(batch, self.cfg.num_ranks)]
+        shards = [ray.put(s) for s in split_round_robin(batch, self.cfg.num_ranks)]
         n_mini = mini_batches_per_epoch(batch.num_rows, self.cfg.mini_batch)
         seed, version = self.seed * 1_000_003 + self.train_calls, self.version + 1
 

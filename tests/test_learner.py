@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from common.config import AlgoConfig, LearnerConfig
 from common.types import StepSample, samples_to_table
-from learner.batching import Rows, plan_epoch, split_by_tokens, split_for_ranks
+from learner.batching import Rows, balanced_split, plan_epoch, split_by_tokens, split_round_robin
 from learner.deepspeed_learner import Learner
 from learner.logprobs import response_logprobs
 
@@ -131,20 +131,26 @@ def test_every_rank_plans_the_same_number_of_steps_and_backwards():
     g = torch.Generator().manual_seed(0)
     import pyarrow as pa
 
-    sessions = [("b", 1), ("a", 2), ("a", 1)] * 3 + [("a", 1), ("b", 1)]
-    table = pa.table({"x": list(range(11)), "conversation": [c for c, _ in sessions],
-                      "session": [t for _, t in sessions], "prompt_ids": [[i % 2] for i in range(11)]})
-    shards = split_for_ranks(table, 2)  # by session, then prompt: a session's prompts share a rank
-    assert [s["x"].to_pylist() for s in shards] == [[2, 8, 5, 9, 4, 1], [7, 0, 6, 10, 3]]
+    table = pa.table({"x": list(range(11))})
+    shards = split_round_robin(table, 2)
+    assert [s["x"].to_pylist() for s in shards] == [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9]]
     for n in (6, 5, 1, 0):
-        rows = Rows([[i % 3] for i in range(n)], [[1]] * n, [[0.0]] * n, [0.0] * n, [False] * n, [("c", i % 2) for i in range(n)])
-        plan = plan_epoch(rows, 2, 3, g)
+        plan = plan_epoch(n, 2, 3, g)
         assert [len(mini) for mini in plan] == [3, 3]
-        flat = [i for mini in plan for micro in mini for i in micro]
-        assert sorted(flat) == list(range(n))
-        runs = [rows.sessions[i] for k, i in enumerate(flat) if k == 0 or rows.sessions[i] != rows.sessions[flat[k - 1]]]
-        assert len(runs) == len(set(runs))  # each session's rows in one run, in prompt order
-        assert all(rows.prompts[a] <= rows.prompts[b] for a, b in zip(flat, flat[1:]) if rows.sessions[a] == rows.sessions[b])
+        assert sorted(i for mini in plan for micro in mini for i in micro) == list(range(n))
+
+
+def test_shared_passes_keep_a_mini_batchs_rows_and_put_one_prompts_rows_together():
+    """8 rows of one chunk prompt and 8 manager rows with their own prompts, in shuffled order:
+    as many passes as micro-batch slots, the same rows, the chunk's rows in one pass (cheaper
+    than 4 unshared rows), and no pass costlier than an equal split's largest."""
+    prompts = [[1] * 400] * 8 + [[2] * 300 + [3 + i] * 300 for i in range(8)]
+    responses = [[5] * 56] * 8 + [[6] * 40] * 8
+    rows = Rows(prompts, responses, [[0.0] * len(r) for r in responses], [0.0] * 16, [False] * 16, [("c", 1)] * 16)
+    shuffled = [9, 0, 14, 3, 7, 12, 1, 8, 5, 15, 2, 10, 6, 11, 4, 13]
+    parts = balanced_split(rows, shuffled, 4)
+    assert len(parts) == 4 and sorted(i for p in parts for i in p) == list(range(16))
+    assert sorted(range(8)) in [sorted(p) for p in parts]
 
 
 # ---------------------------------------------------------------- Ray + DeepSpeed

@@ -95,7 +95,7 @@ def _measure(case: dict, rank_id: int) -> dict:
     rows, p, r, world = case["rows"], case["prompt"], case["response"], case["ranks"]
     cfg = LearnerConfig(num_ranks=world, zero_stage=2, frozen_layers=0, mini_batch=rows * world, micro_batch=rows,
                         ppo_epochs=2, gradient_checkpointing="on" if case["gradient_checkpointing"] else "off",
-                        reference="sharded")
+                        reference="sharded", shared_prefix="off")  # the GPU path the planner models
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         rank = LearnerRank(rank_id, world, num_threads=max(1, (os.cpu_count() or 1) // world))
         rank.setup(("127.0.0.1", case["port"]), case["model_dir"], AlgoConfig().model_dump(), cfg.model_dump())
