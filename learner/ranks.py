@@ -92,6 +92,7 @@ class LearnerRank:
         if objective not in ("logo_grpo", "sft"):
             raise ValueError(f"unknown objective {objective!r}")
         self.objective = objective
+        self.sharing = self.shared_prefix and objective == "logo_grpo"  # warm-start examples share only instructions
         start = time.perf_counter()
         rows = Rows.from_table(shard)
         sums = dict.fromkeys(POOLED + PER_SAMPLE + TOKENS + MISMATCH + ("grad_norm",), 0.0)
@@ -100,7 +101,7 @@ class LearnerRank:
             rows.prox_logprobs = self._proximal(rows)
         for epoch in range(self.cfg.ppo_epochs):
             for k, micro_idx in enumerate(plan_epoch(len(rows), n_mini, self.accum, generator)):
-                self._mini_batch(rows, micro_idx, sums, before_update=epoch == k == 0)
+                self._mini_batch(rows, micro_idx, sums, objective == "logo_grpo" and epoch == k == 0)  # before any update
         steps = self.cfg.ppo_epochs * n_mini
         keys = POOLED + PER_SAMPLE + TOKENS + MISMATCH
         totals = self._all_reduce([sums[k] for k in keys] + [float(len(rows)), float(sum(len(r) for r in rows.responses))])
@@ -132,10 +133,10 @@ class LearnerRank:
         counts = self._all_reduce([float(len(flat) - n_local), float(n_local)])
         budget = self.cfg.max_tokens_per_micro_batch
         if budget is not None:  # as many passes on every rank: the longest split sets the count
-            micro_idx = split_by_tokens(rows, flat, budget, self.shared_prefix and self.objective == "logo_grpo")
+            micro_idx = split_by_tokens(rows, flat, budget, self.sharing)
             passes = int(self._all_reduce([float(len(micro_idx))], op="max")[0])
             micro_idx += [[] for _ in range(passes - len(micro_idx))]
-        elif self.shared_prefix and self.objective == "logo_grpo":  # as many passes, cut where prompts change
+        elif self.sharing:  # as many passes, cut where prompts change
             micro_idx = balanced_split(rows, flat, len(micro_idx))
         for k, idx in enumerate(micro_idx):
             # The boundary is set by hand: under a token budget the number of passes varies.
@@ -160,7 +161,7 @@ class LearnerRank:
         return out
 
     def _micro_batch(self, rows: Rows, counts: tuple[int, int], sums: dict[str, float], before_update: bool) -> None:
-        if self.shared_prefix and self.objective == "logo_grpo":  # warm-start examples share only instructions
+        if self.sharing:
             packed = pack_shared(rows.prompts, rows.responses).to(self.engine.device)
             score, mask = shared_logprobs, packed.response_mask
             sums["computed_tokens"] += packed.computed_tokens

@@ -19,6 +19,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from actors.fleet.ahead import RolloutsAhead
 from common.config import AlgoConfig, load_config
 from learner.deepspeed_learner import Learner, LearnerFailed
 from learner.ranks import LearnerRank
@@ -36,7 +37,7 @@ def failing_rank(fail: str, mark: Path) -> type[LearnerRank]:
     so Ray ships the class by value to the actors, `mark` with it."""
 
     class FailingRank(LearnerRank):
-        def _mini_batch(self, rows, micro_idx, sums):
+        def _mini_batch(self, rows, micro_idx, sums, *rest):
             self._steps = getattr(self, "_steps", 0) + 1
             if fail == "slow" and mark.exists():
                 mark.with_suffix(".started").touch()
@@ -46,7 +47,7 @@ def failing_rank(fail: str, mark: Path) -> type[LearnerRank]:
                 if fail == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(3600)
-            return super()._mini_batch(rows, micro_idx, sums)
+            return super()._mini_batch(rows, micro_idx, sums, *rest)
 
     return FailingRank
 
@@ -146,13 +147,13 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_a_resume_continues
     with learner_of(full_disk_rank(mark), model_dir) as lrn:
         lrn.train(batches[0])
         state = TrainState(step=1)
-        checkpoint(out, lrn, state)
+        checkpoint(out, lrn, state, RolloutsAhead(None, 0))
         saved = lrn.state_dict()
         lrn.train(batches[1])
         state.step = 2
         mark.touch()
         with pytest.raises(CheckpointWriteError) as err:
-            checkpoint(out, lrn, state)
+            checkpoint(out, lrn, state, RolloutsAhead(None, 0))
         need = lrn.checkpoint_bytes()
     line = str(err.value)
     assert "\n" not in line and f"could not write {out.checkpoints / 'step2'}" in line
