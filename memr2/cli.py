@@ -36,6 +36,15 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(bench, name: str, fn, help: str) -> argparse.ArgumentParser:
+    """A `memr2 bench` sub-command: --json and dotted config overrides (for every run it makes)."""
+    parser = bench.add_parser(name, help=help)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
+    parser.set_defaults(fn=fn)
+    return parser
+
+
 def _print(result: dict, as_json: bool, width: int = 16) -> int:
     """One JSON object, or one `key: value` line per field."""
     if as_json:
@@ -208,37 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--sizes", type=int, nargs="+", default=[100, 1_000, 10_000])
     memory.add_argument("--json", action="store_true")
     memory.set_defaults(fn=_cmd_bench_memory)
-    sync = bench.add_parser("sync", help="one weight sync per mode (collective, object_store) and a raw broadcast of "
-                                         "the same bytes, on SmolLM2 with two engines; medians of the repeats")
+    sync = _bench(bench, "sync", _cmd_bench_sync, "one weight sync per mode (collective, object_store) and a raw "
+                  "broadcast of the same bytes, on SmolLM2 with two engines; medians of the repeats")
     sync.add_argument("--repeats", type=int, default=3)
-    sync.add_argument("--json", action="store_true")
-    sync.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
-    sync.set_defaults(fn=_cmd_bench_sync)
-    learner_bench = bench.add_parser("learner", help="one embedded-default step's rows through the update with and "
-                                                     "without shared prompt prefixes: times, speedup, gradient difference")
+    learner_bench = _bench(bench, "learner", _cmd_bench_learner, "one embedded-default step's rows through the update "
+                           "with and without shared prompt prefixes: times, speedup, gradient difference")
     learner_bench.add_argument("--repeats", type=int, default=2)
     learner_bench.add_argument("--rows", metavar="FILE.parquet", help="step rows to read if the file exists (with "
                                "model.name=<the folder they came from>), else to write this run's to")
-    learner_bench.add_argument("--json", action="store_true")
-    learner_bench.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
-    learner_bench.set_defaults(fn=_cmd_bench_learner)
-    async_bench = bench.add_parser("async", help="the embedded default's training with train.max_staleness 0 and 1, "
-                                                 "one worker and the learner on one core each: steps/h, staleness, val F1")
-    async_bench.add_argument("--json", action="store_true")
-    async_bench.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
-    async_bench.set_defaults(fn=_cmd_bench_async)
-    rollout_bench = bench.add_parser("rollout", help="a rollout worker's tokens/s against vLLM's own LLM.generate on the "
-                                                     "same requests, engine and concurrency (SmolLM2)")
-    rollout_bench.add_argument("--json", action="store_true")
-    rollout_bench.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
-    rollout_bench.set_defaults(fn=_cmd_bench_rollout)
-    learning = bench.add_parser("learning", help="LoGo-GRPO against plain GRPO at equal samples: val F1 gain and "
-                                                 "M-Fail per arm, mean and standard error over seeds")
+    _bench(bench, "async", _cmd_bench_async, "the embedded default's training with train.max_staleness 0 and 1, one "
+           "worker and the learner on one core each: steps/h, staleness, val F1")
+    _bench(bench, "rollout", _cmd_bench_rollout, "a rollout worker's tokens/s against vLLM's own LLM.generate on the "
+           "same requests, engine and concurrency (SmolLM2)")
+    learning = _bench(bench, "learning", _cmd_bench_learning, "LoGo-GRPO against plain GRPO at equal samples: val F1 "
+                      "gain and M-Fail per arm, mean and standard error over seeds")
     learning.add_argument("--arms", default="logo,grpo", help="comma-separated: logo, grpo")
     learning.add_argument("--seeds", type=int, default=3)
-    learning.add_argument("--json", action="store_true")
-    learning.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides for every run")
-    learning.set_defaults(fn=_cmd_bench_learning)
     rollout = sub.add_parser("rollout", help="run rollouts only: global and local groups on Ray rollout actors")
     _add_config_args(rollout)
     rollout.add_argument("--smoke", action="store_true", help="the embedded default at smoke size (1 conversation, 4 sessions, n=4, m=2)")
