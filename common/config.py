@@ -144,9 +144,15 @@ class AlgoConfig(Section):
     # Rows from an older policy (train.max_staleness=1): "behaviour" takes PPO's ratio against the
     # engine's logprobs; "decoupled" (AReaL) against a proximal policy, the learner's weights
     # before the update (recomputed), times the behaviour importance weight pi_prox / pi_behav,
-    # truncated at tis_cap (learner.logo_grpo).
-    off_policy: Literal["behaviour", "decoupled"] = "behaviour"
+    # truncated at tis_cap (learner.logo_grpo). "auto": decoupled exactly when rows can be stale.
+    off_policy: Literal["auto", "behaviour", "decoupled"] = "auto"
     tis_cap: float = Field(2.0, gt=0)
+
+    def for_staleness(self, max_staleness: int) -> AlgoConfig:
+        """This config with off_policy=auto resolved for a run whose rows lag up to max_staleness updates."""
+        if self.off_policy != "auto":
+            return self
+        return self.model_copy(update={"off_policy": "decoupled" if max_staleness else "behaviour"})
 
 
 class LearnerConfig(Section):
@@ -342,6 +348,22 @@ class MetricsConfig(Section):
     # Across nodes, learner ranks write checkpoints here: a file system every learner node sees.
     run_dir: str | None = None
     run_name: str | None = None  # None: a timestamped name
+    # Where each metrics.jsonl row, the config and the summary also go (common.trackers):
+    # tensorboard (runs/<name>/tensorboard), wandb (offline unless wandb_mode=online; `wandb sync`
+    # uploads later), mlflow (runs/mlflow.db unless mlflow_tracking_uri). jsonl is always kept:
+    # resume and the benches read it.
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = ["jsonl", "tensorboard"]
+    wandb_project: str = "memr2"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "memr2"
+
+    @field_validator("loggers")
+    @classmethod
+    def _jsonl_kept(cls, loggers: list[str]) -> list[str]:
+        if "jsonl" not in loggers:
+            raise ValueError("must include jsonl (resume and the benches read metrics.jsonl)")
+        return list(dict.fromkeys(loggers))
 
 
 class Config(Section):

@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSON line each in the run's metrics.jsonl, and Prometheus gauges.
+"""Per-step metrics: one JSON line each in the run's metrics.jsonl, Prometheus gauges, and the
+experiment trackers metrics.loggers names (common.trackers).
 
 Gauges go through `ray.util.metrics`, so they appear on every node's Ray metrics export port as
 `ray_memr2_<name>` and Prometheus scrapes them with the rest of the cluster (deploy/prometheus.yml).
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import Config
+from common.trackers import Trackers
 
 # The series the Grafana dashboard plots; every other key only goes to metrics.jsonl.
 GAUGES = (
@@ -24,8 +26,8 @@ GAUGES = (
 
 
 class MetricsLog:
-    def __init__(self, path: Path, prometheus: bool) -> None:
-        self.path = path
+    def __init__(self, path: Path, prometheus: bool, trackers: Trackers | None = None) -> None:
+        self.path, self.trackers = path, trackers
         self._gauges: dict[str, Any] = {}
         if prometheus:
             from ray.util.metrics import Gauge
@@ -39,6 +41,13 @@ class MetricsLog:
             value = row.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 gauge.set(float(value), tags={"run": run})
+        if self.trackers is not None:
+            self.trackers.log(row, row.get("step", 0))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """The run's summary to the trackers, which then close."""
+        if self.trackers is not None:
+            self.trackers.finish(summary)
 
     def rows(self) -> list[dict[str, Any]]:
         if not self.path.is_file():

@@ -17,6 +17,7 @@ from typing import Literal
 
 from common.config import Config
 from common.metrics import MetricsLog, run_root
+from common.trackers import Trackers
 
 
 @dataclass
@@ -85,7 +86,7 @@ class RunDir:
         self.saved_step = -1  # the step of the state on disk: none yet
         if not self.resumed:  # a run killed before its first checkpoint starts over: so do its rows
             (self.path / "metrics.jsonl").unlink(missing_ok=True)
-        self.metrics = MetricsLog(self.path / "metrics.jsonl", cfg.metrics.prometheus)
+        self.metrics = MetricsLog(self.path / "metrics.jsonl", cfg.metrics.prometheus, Trackers(cfg, self.path, name))
         (self.path / "config.json").write_text(cfg.model_dump_json(indent=1))
 
     def load_state(self) -> TrainState:
@@ -137,6 +138,7 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.metrics.finish(summary)
 
     def plot(self) -> Path:
         import matplotlib
