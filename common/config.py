@@ -144,15 +144,11 @@ class AlgoConfig(Section):
     # Rows from an older policy (train.max_staleness=1): "behaviour" takes PPO's ratio against the
     # engine's logprobs; "decoupled" (AReaL) against a proximal policy, the learner's weights
     # before the update (recomputed), times the behaviour importance weight pi_prox / pi_behav,
-    # truncated at tis_cap (learner.logo_grpo). "auto": decoupled exactly when rows can be stale.
-    off_policy: Literal["auto", "behaviour", "decoupled"] = "auto"
+    # truncated at tis_cap (learner.logo_grpo). Measured with `memr2 bench async`: the same
+    # validation F1 either way; decoupled's extra forward costs the overlap most of its gain where
+    # the learner is the bottleneck (CPU), so behaviour stays the default.
+    off_policy: Literal["behaviour", "decoupled"] = "behaviour"
     tis_cap: float = Field(2.0, gt=0)
-
-    def for_staleness(self, max_staleness: int) -> AlgoConfig:
-        """This config with off_policy=auto resolved for a run whose rows lag up to max_staleness updates."""
-        if self.off_policy != "auto":
-            return self
-        return self.model_copy(update={"off_policy": "decoupled" if max_staleness else "behaviour"})
 
 
 class LearnerConfig(Section):

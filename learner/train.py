@@ -112,7 +112,7 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     stages = cfg.curriculum.stages
     val_horizon = stages[-1].horizon  # every validation on the final task, so all are comparable
     colocation = colocate(cfg)
-    learner = Learner(str(model), cfg.algo.for_staleness(cfg.train.max_staleness), cfg.learner, cfg.seed, colocation)
+    learner = Learner(str(model), cfg.algo, cfg.learner, cfg.seed, colocation)
     learner.offload = resolve_offload_states(cfg, gpu_memory_gb) == "on"  # what `memr2 plan` resolves
     learner.offload_states()  # colocated: the engines start awake beside it
     fleet = RolloutFleet(cfg, run=out.name, other_bundles=job_asks(cfg).get("learner rank", []), colocation=colocation)

@@ -36,7 +36,7 @@ def test_yaml_then_dotted_overrides(tmp_path):
         ("train.max_staleness=2", "config train.max_staleness: Input should be less than or equal to 1, got 2"),
         ("learner.shared_prefix=maybe", "config learner.shared_prefix: Input should be 'auto', 'on' or 'off'"),
         ("cluster.colocate=true train.max_staleness=1 rollout.num_actors=1", "cluster.colocate needs train.max_staleness=0"),
-        ("algo.off_policy=proximal", "config algo.off_policy: Input should be 'auto', 'behaviour' or 'decoupled'"),
+        ("algo.off_policy=proximal", "config algo.off_policy: Input should be 'behaviour' or 'decoupled'"),
     ],
 )
 def test_bad_keys_and_values_fail_with_one_line_naming_the_field(override, expected):
@@ -76,17 +76,6 @@ def test_bare_on_and_off_mean_what_they_say():
     assert load_config(None, ["learner.bf16=off"]).learner.bf16 == "off"
     with pytest.raises(ConfigError, match="learner.bf16"):
         load_config(None, ["learner.bf16=maybe"])
-
-
-def test_off_policy_auto_is_decoupled_exactly_when_rows_can_be_stale():
-    def resolved(*overrides):
-        cfg = load_config(None, list(overrides))
-        return cfg.algo.for_staleness(cfg.train.max_staleness).off_policy
-
-    assert resolved() == "behaviour"
-    assert resolved("train.max_staleness=1") == "decoupled"
-    assert resolved("train.max_staleness=1", "algo.off_policy=behaviour") == "behaviour"
-    assert resolved("algo.off_policy=decoupled") == "decoupled"
 
 
 def test_a_partial_section_keeps_the_defaults_of_its_other_fields(tmp_path):
