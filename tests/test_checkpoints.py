@@ -41,7 +41,7 @@ def test_a_bad_checkpoint_setting_is_one_line_naming_the_key(key):
 
 def run_dir(tmp_path, keep=1, resume="never"):
     cfg = load_config(None, [f"metrics.run_dir={tmp_path}", "metrics.run_name=r", "metrics.prometheus=false",
-                             f"train.keep_checkpoints={keep}"])
+                             "metrics.loggers=[jsonl]", f"train.keep_checkpoints={keep}"])
     return RunDir(cfg, resume)
 
 
