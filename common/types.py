@@ -7,6 +7,7 @@ object store without pickling Python objects per token.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -125,6 +126,12 @@ class StepSample:
     reward: float = 0.0
     advantage: float = 0.0
     policy_version: int = 0
+    # Which decision point of the session: the extractor prompt's index (a manager step takes its
+    # extractor's), the same in every rollout and branch of the group.
+    chunk: int = 0
+    # The step's quality against a synthetic world's gold (actors.agent.oracle), for measuring
+    # credit assignment (learner.credit); NaN where the conversation has no gold operations.
+    oracle: float = math.nan
 
 
 STEP_SCHEMA = pa.schema(
@@ -141,6 +148,8 @@ STEP_SCHEMA = pa.schema(
         ("reward", pa.float64()),
         ("advantage", pa.float64()),
         ("policy_version", pa.int64()),
+        ("chunk", pa.int32()),
+        ("oracle", pa.float64()),
     ]
 )
 

@@ -24,6 +24,7 @@ from common.config import Config
 from common.data import load_dataset, split
 from common.scoring import bootstrap_ci
 from common.types import Conversation
+from learner.credit import step_metrics as credit_metrics
 from learner.deepspeed_learner import Learner, rank_resources
 from learner.plan import check_fits, resolve_offload_states
 from learner.run_outputs import Resume, RunDir, TrainState
@@ -42,7 +43,7 @@ def train_step(fleet: RolloutFleet, learner: Learner, ahead: RolloutsAhead, plan
     # train.max_staleness=1 they ran during the last update, on the weights before it.
     batch = ahead.take(plan)
     t1 = time.perf_counter()
-    update, update_s, sleep_s, wake_s, sync_s, wait_s = {}, 0.0, 0.0, 0.0, 0.0, 0.0
+    update, credit, update_s, sleep_s, wake_s, sync_s, wait_s = {}, {}, 0.0, 0.0, 0.0, 0.0, 0.0
     # Groups whose rewards all tie carry no signal (dropped, counted above); nor may a group
     # generated more than train.max_staleness updates ago.
     groups = learner.admit([g.table for g in batch.groups], ahead.max_staleness)
@@ -50,6 +51,7 @@ def train_step(fleet: RolloutFleet, learner: Learner, ahead: RolloutsAhead, plan
         sleep_s = fleet.sleep() + learner.reload_states()  # colocated: the GPU goes to the update
         rows = learner.prepare(groups)  # advantages: z-scores within each group
         ahead.start(next_plan)  # max_staleness=1: the next step's rollouts, during this update
+        credit = credit_metrics(rows)  # Spearman(advantage, oracle) per group and kind, on those very rows
         t2 = time.perf_counter()
         update = learner.update(rows)  # the LoGo-GRPO update
         update_s = time.perf_counter() - t2
@@ -68,6 +70,7 @@ def train_step(fleet: RolloutFleet, learner: Learner, ahead: RolloutsAhead, plan
         "wake_s": wake_s,
         "step_time_s": time.perf_counter() - t0,
         **{k: update[k] for k in UPDATE_METRICS if k in update},
+        **credit,  # credit_corr_global / credit_corr_local where the step has a defined group of that kind
         "stale_groups": learner.take_stale_groups(),
         "live_workers": len(fleet.live()),
         **fleet.take_faults(),  # worker_failures, tasks_retried, duplicate_results in this step

@@ -108,6 +108,15 @@ def _cmd_bench_learning(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_credit(args: argparse.Namespace) -> int:
+    from learner.bench_credit import parse_horizons, render, run_credit_bench
+
+    result = run_credit_bench(parse_horizons(args.horizons), args.conversations, args.overrides)
+    print(f"credit plot: {result['plot']}", file=sys.stderr)
+    print(json.dumps(result) if args.json else render(result))
+    return 0
+
+
 def _cmd_rollout(args: argparse.Namespace) -> int:
     from actors.rollout_job import run_rollouts, smoke_config
     from common.config import load_config
@@ -233,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "gain and M-Fail per arm, mean and standard error over seeds")
     learning.add_argument("--arms", default="logo,grpo", help="comma-separated: logo, grpo")
     learning.add_argument("--seeds", type=int, default=3)
+    credit = _bench(bench, "credit", _cmd_bench_credit, "credit fidelity: Spearman between each group's advantages and "
+                    "the steps' oracle scores, global against local groups, per horizon (rollouts only)")
+    credit.add_argument("--horizons", default="2,4,8", help="comma-separated horizons (sessions per rollout)")
+    credit.add_argument("--conversations", type=int, help="conversations at every horizon (default: ceil(256 / H^1.5), "
+                        "for >= 30 groups of each kind at each horizon)")
     rollout = sub.add_parser("rollout", help="run rollouts only: global and local groups on Ray rollout actors")
     _add_config_args(rollout)
     rollout.add_argument("--smoke", action="store_true", help="the embedded default at smoke size (1 conversation, 4 sessions, n=4, m=2)")

@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -86,11 +87,15 @@ def test_session_of_tolerates_malformed_ids():
 
 def test_step_samples_roundtrip_through_one_arrow_table():
     samples = [
-        StepSample("extractor", [1, 2, 3], [4, 5], [-0.5, -1.25], "conv-1", 2, "conv-1/s2", "global", 0, 0.5, 1.0, 3),
-        StepSample("manager", [7], [8, 9, 10], [-0.25, -2.0, -0.125], "conv-1", 2, "conv-1/s2/anchor0", "local", 1, 0.1, -1.0, 3),
+        StepSample("extractor", [1, 2, 3], [4, 5], [-0.5, -1.25], "conv-1", 2, "conv-1/s2", "global", 0, 0.5, 1.0, 3, 1, 0.75),
+        StepSample("manager", [7], [8, 9, 10], [-0.25, -2.0, -0.125], "conv-1", 2, "conv-1/s2/anchor0", "local", 1, 0.1, -1.0, 3, 1, 0.5),
     ]
     table = samples_to_table(samples)
     assert table.schema.equals(STEP_SCHEMA) and table.num_rows == 2
     assert table_to_samples(table) == samples  # the logprobs above are exact in float32
+    assert table["chunk"].type == pa.int32() and table["oracle"].type == pa.float64()
+    # A conversation without gold operations: the oracle travels as NaN (NaN != NaN, so apart).
+    back = table_to_samples(samples_to_table([StepSample("extractor", [1], [2], [-0.5], "conv-9", 1, "conv-9/s1", "global", 0)]))
+    assert back[0].chunk == 0 and math.isnan(back[0].oracle)
     with pytest.raises(ValueError, match="schema differs"):
         table_to_samples(pa.table({"role": ["x"]}))

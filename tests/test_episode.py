@@ -1,7 +1,9 @@
 """Exact tests of episodes and groups with a scripted engine: known outputs -> known memory states,
 rewards and group keys."""
 
+import math
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -9,10 +11,11 @@ from actors.agent.answer_agent import ReaderAgent
 from actors.engines.base import SamplingSpec
 from actors.agent.episode import EpisodeRunner, Lane, request_seed, split_chunks
 from actors.agent.groups import GroupCollector
+from actors.agent.oracle import Oracle, soft_f1_texts
 from actors.agent.prompts import context_tokens, prompt_budget, render_facts, render_operations
 from actors.agent.rewards import compression, dialogue_tokens
 from common.config import load_config
-from common.types import QA, Conversation, Fact, Operation, Session, Turn, table_to_samples
+from common.types import QA, Conversation, Fact, GoldOperation, Operation, Session, Turn, table_to_samples
 from memory_service.bank import MemoryBank
 from tests.fakes import ScriptedEngine
 
@@ -120,6 +123,34 @@ def test_global_and_local_groups_have_known_keys_and_rewards(cfg):
     assert [s.role for s in table_to_samples(group.table)] == ["extractor", "manager", "extractor"] * 2
 
 
+def test_every_step_records_its_chunk_and_oracle_score(cfg):
+    """Session 1 in two chunks (D1:1-2, D1:3-4); the gold: Alice's city at D1:2, Bob's dog at D1:3."""
+    gold = (GoldOperation(1, "D1:2", "INSERT", "alice.city", "Alice", "Alice lives in Boston.", "Boston"),
+            GoldOperation(1, "D1:3", "INSERT", "bob.pet", "Bob", "Bob has a dog named Rex.", "Rex"),
+            GoldOperation(2, "D2:1", "UPDATE", "alice.city", "Alice", "Alice moved to Denver.", "Denver"))
+    conv = replace(conversation(), gold_operations=gold)
+    lanes = [Lane(MemoryBank.empty()) for _ in range(3)]
+    EpisodeRunner(ScriptedEngine(respond), cfg).run_session(lanes, conv, conv.sessions[0], SamplingSpec(), ("k",), Oracle.of(conv))
+    boston = soft_f1_texts(["Alice: I live in Boston."], ["Alice lives in Boston."])
+    rex = soft_f1_texts(["Bob: I have a dog named Rex."], ["Bob has a dog named Rex."])
+    assert 0 < rex < boston < 1  # the extracted wording is close to the gold's, not equal
+    for lane in lanes:
+        assert [(s.role, s.chunk) for s in lane.steps] == [("extractor", 0), ("manager", 0), ("extractor", 1), ("manager", 1)]
+        assert [s.oracle for s in lane.steps if s.role == "extractor"] == [boston, rex]  # every lane extracts alike
+    # Lane 0 stores every fact: its bank against the gold bank after D1:2, then after D1:4.
+    assert [s.oracle for s in lanes[0].steps if s.role == "manager"] == [
+        boston, soft_f1_texts(["Alice: I live in Boston.", "Bob: I have a dog named Rex."], ["Alice lives in Boston.", "Bob has a dog named Rex."])]
+    # Lanes 1 (NOOP) and 2 (prose) keep nothing while the gold bank fills.
+    assert [s.oracle for lane in lanes[1:] for s in lane.steps if s.role == "manager"] == [0.0] * 4
+
+    # Into the group's table, next to the advantage; a conversation without gold has NaN there.
+    collector = GroupCollector(EpisodeRunner(ScriptedEngine(respond), cfg), ReaderAgent(), cfg)
+    samples = table_to_samples(collector.run_global(conv, horizon=1, n=3, key="g").groups[0].table)
+    assert [(s.rollout, s.chunk, s.oracle) for s in samples] == [(i, st.chunk, st.oracle) for i, lane in enumerate(lanes) for st in lane.steps]
+    plain = table_to_samples(collector.run_global(conversation(), horizon=1, n=3, key="g").groups[0].table)
+    assert [s.chunk for s in plain] == [s.chunk for s in samples] and all(math.isnan(s.oracle) for s in plain)
+
+
 def test_compression_penalty_formula():
     bank = MemoryBank.empty().apply(Operation("INSERT", speaker="A", content="one two three four five six seven eight nine ten"))
     assert compression(bank, 10, 0.7) == pytest.approx((10 - 7) / 10)
@@ -204,4 +235,5 @@ def test_an_extractor_chunk_over_the_budget_is_split_and_counted_and_every_turn_
     assert len(read) > 2 and all(len(r.prompt) <= 80 for r in engine.sent)
     assert [dia for part in read for dia, _, _ in part] == [t.dia_id for t in turns]  # each turn once, in order
     assert lane.prompt_overflows == len(read) - 1  # one per split
+    assert [step.chunk for step in lane.steps] == list(range(len(read)))  # each prompt its own decision point
     assert len(set(engine.seeds)) == len(read)

@@ -241,7 +241,8 @@ def test_group_advantages_are_centred_and_unit_scaled(rewards):
 
 
 def step(rollout, reward, kind="global", group="c1/s1"):
-    return StepSample("extractor", [1], [2], [-0.5], "c1", 1, group, kind, rollout, reward)
+    # An oracle score, not the NaN of a conversation without gold: tables compare equal only without NaN.
+    return StepSample("extractor", [1], [2], [-0.5], "c1", 1, group, kind, rollout, reward, chunk=0, oracle=0.5)
 
 
 def test_with_advantages_z_scores_rollouts_not_rows():

@@ -14,11 +14,13 @@ and each is counted (`Lane.prompt_overflows`).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from actors.engines.base import Engine, Request, SamplingSpec
 from actors.engines.scheduler import Program, Scheduler
+from actors.agent.oracle import Oracle
 from actors.agent.parsing import parse_facts, parse_operations
 from actors.agent.prompts import extractor_messages, manager_messages, prompt_budget, visible_memory_ids
 from common.config import Config
@@ -33,6 +35,10 @@ class StepRecord:
     prompt_ids: list[int]
     response_ids: list[int]
     logprobs: list[float]
+    # The extractor prompt's index within the session (a manager step: its extractor's). Prompt
+    # splitting depends on the turns alone, so one index is one decision point in every lane.
+    chunk: int = 0
+    oracle: float = math.nan  # the step's quality against the gold (actors.agent.oracle); NaN without gold
 
 
 @dataclass(slots=True)
@@ -84,29 +90,37 @@ class EpisodeRunner:
         """Run lane programs to their end, in one continuous batch with whatever else the engine runs."""
         self.scheduler.run(programs)
 
-    def run_session(self, lanes: Sequence[Lane], conv: Conversation, session: Session, spec: SamplingSpec, seed_key: tuple) -> None:
+    def run_session(self, lanes: Sequence[Lane], conv: Conversation, session: Session, spec: SamplingSpec, seed_key: tuple,
+                    oracle: Oracle | None = None) -> None:
         """Every lane through one session (lane i seeded by `seed_key` and i)."""
-        self.run([self.session(lane, i, conv, session, spec, seed_key) for i, lane in enumerate(lanes)])
+        self.run([self.session(lane, i, conv, session, spec, seed_key, oracle) for i, lane in enumerate(lanes)])
 
-    def session(self, lane: Lane, index: int, conv: Conversation, session: Session, spec: SamplingSpec, seed_key: tuple) -> Program:
-        """Lane `index` through one session: per chunk, the extractor, then (if it found facts) the manager."""
+    def session(self, lane: Lane, index: int, conv: Conversation, session: Session, spec: SamplingSpec, seed_key: tuple,
+                oracle: Oracle | None = None) -> Program:
+        """Lane `index` through one session: per chunk, the extractor, then (if it found facts) the
+        manager. With `oracle` (the conversation's gold), every step records its oracle score."""
         speakers = {conv.speaker_a, conv.speaker_b}
+        prompt_index = 0  # the extractor prompt's index within the session: the steps' `chunk`
         for c, chunk in enumerate(split_chunks(session.turns, self.cfg.rollout.chunks_per_session)):
             parts = self._extractor_prompts(lane, session.date_time, chunk)
             for j, (prompt, turns) in enumerate(parts):
                 key = (*seed_key, c if len(parts) == 1 else (c, j))  # a chunk that fits keeps its seeds
                 chunk_ids = {t.dia_id for t in turns}
                 gen = yield Request(prompt, _seeded(spec, *key, "extractor", index))
-                facts = self._record(lane, StepRecord("extractor", session.index, prompt, gen.token_ids, gen.logprobs),
-                                     parse_facts(gen.text, chunk_ids, speakers))
-                if not facts:
-                    continue
-                prompt, related = self._manager_prompt(lane, facts)
-                gen = yield Request(prompt, _seeded(spec, *key, "manager", index))
-                ops = self._record(lane, StepRecord("manager", session.index, prompt, gen.token_ids, gen.logprobs),
-                                   parse_operations(gen.text, visible_memory_ids(related), speakers, chunk_ids))
-                lane.bank, errors = lane.bank.apply_all(ops, session.date_time)
-                lane.failed_ops += len(errors)
+                step = StepRecord("extractor", session.index, prompt, gen.token_ids, gen.logprobs, prompt_index)
+                facts = self._record(lane, step, parse_facts(gen.text, chunk_ids, speakers))
+                if oracle is not None:
+                    step.oracle = oracle.extractor(turns, facts)
+                if facts:
+                    prompt, related = self._manager_prompt(lane, facts)
+                    gen = yield Request(prompt, _seeded(spec, *key, "manager", index))
+                    step = StepRecord("manager", session.index, prompt, gen.token_ids, gen.logprobs, prompt_index)
+                    ops = self._record(lane, step, parse_operations(gen.text, visible_memory_ids(related), speakers, chunk_ids))
+                    lane.bank, errors = lane.bank.apply_all(ops, session.date_time)
+                    lane.failed_ops += len(errors)
+                    if oracle is not None:
+                        step.oracle = oracle.manager(turns, lane.bank)  # the bank its operations made
+                prompt_index += 1
 
     def _extractor_prompts(self, lane: Lane, date: str, turns: tuple[Turn, ...]) -> list[tuple[list[int], tuple[Turn, ...]]]:
         """The chunk's extractor prompt; over the budget, its halves' instead (down to one turn,

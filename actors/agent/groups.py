@@ -21,6 +21,7 @@ from actors.agent.endpoint import RequestCounts
 from actors.engines.base import SamplingSpec
 from actors.engines.scheduler import Program
 from actors.agent.episode import EpisodeRunner, Lane
+from actors.agent.oracle import Oracle
 from actors.agent.rewards import (
     MemoryScore,
     dialogue_tokens,
@@ -118,7 +119,8 @@ class GroupCollector:
         horizon = min(horizon, len(conv.sessions))
         lanes = [Lane(MemoryBank.empty(self.cfg.memory.retriever)) for _ in range(n)]
         stats, start = LaneStats(), time.perf_counter()
-        self.runner.run([self._rollout(lane, i, conv, horizon, self.spec(), key, keep) for i, lane in enumerate(lanes)])
+        oracle = Oracle.of(conv)  # the gold side, once for every lane of the task
+        self.runner.run([self._rollout(lane, i, conv, horizon, self.spec(), key, keep, oracle) for i, lane in enumerate(lanes)])
         stats.generate_s = time.perf_counter() - start
         stats.add(lanes)
 
@@ -144,7 +146,7 @@ class GroupCollector:
         lanes = [Lane(base.fork()) for _ in range(m)]
         session = next(s for s in conv.sessions if s.index == t)
         stats, start = LaneStats(), time.perf_counter()
-        self.runner.run_session(lanes, conv, session, self.spec(), (key,))
+        self.runner.run_session(lanes, conv, session, self.spec(), (key,), Oracle.of(conv))
         stats.generate_s = time.perf_counter() - start
         stats.add(lanes)
 
@@ -162,19 +164,20 @@ class GroupCollector:
         r = self.cfg.rollout
         spec = SamplingSpec(temperature=r.eval_temperature, top_p=1.0, max_new_tokens=r.max_new_tokens, seed=0)
         lane = Lane(MemoryBank.empty(self.cfg.memory.retriever))
-        self.runner.run([self._rollout(lane, 0, conv, horizon, spec, key)])
+        self.runner.run([self._rollout(lane, 0, conv, horizon, spec, key, oracle=Oracle.of(conv))])
         questions = final_questions(conv, horizon, self.cfg.data.exclude_adversarial)
         bank, stats = lane.bank, LaneStats()
         stats.add([lane])
         score = memory_score(bank, questions, self._answer(conv, bank, questions, stats), dialogue_tokens(conv, horizon), self.cfg.reward)
         return EvalResult(score, stats)
 
-    def _rollout(self, lane: Lane, i: int, conv: Conversation, horizon: int, spec: SamplingSpec, key: str, keep: Keep | None = None) -> Program:
+    def _rollout(self, lane: Lane, i: int, conv: Conversation, horizon: int, spec: SamplingSpec, key: str, keep: Keep | None = None,
+                 oracle: Oracle | None = None) -> Program:
         """Rollout i over sessions 1..T, one program; `keep` sees its lane before each session."""
         for session in conv.sessions[:horizon]:
             if keep is not None:
                 keep(session, i, lane)
-            yield from self.runner.session(lane, i, conv, session, spec, (key, session.index))
+            yield from self.runner.session(lane, i, conv, session, spec, (key, session.index), oracle)
 
     def _answer(self, conv: Conversation, bank: MemoryBank, questions: Sequence[QA], stats: LaneStats) -> list[str]:
         """The agent's answers; its endpoint's retries count in this task's stats (the agent is
@@ -191,7 +194,8 @@ class GroupCollector:
     def _group(self, kind: GroupKind, group_id: str, conv: Conversation, t: int, lanes: Sequence[Lane], scores: list[MemoryScore]) -> Group:
         version = self.runner.engine.policy_version
         samples = [
-            StepSample(s.role, s.prompt_ids, s.response_ids, s.logprobs, conv.sample_id, t, group_id, kind, i, score.reward, 0.0, version)
+            StepSample(s.role, s.prompt_ids, s.response_ids, s.logprobs, conv.sample_id, t, group_id, kind, i, score.reward, 0.0, version,
+                       s.chunk, s.oracle)
             for i, (lane, score) in enumerate(zip(lanes, scores, strict=True))
             for s in lane.steps
             if s.session == t
