@@ -195,7 +195,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file of config overrides (see common/config.py)")
+    parser.add_argument("--config", help="YAML file of config overrides (see common/config/sections.py)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides, applied last")
 
 
