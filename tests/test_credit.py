@@ -12,7 +12,7 @@ from actors.agent.oracle import Oracle, soft_f1_texts
 from common.scoring import bootstrap_ci
 from common.types import Conversation, Fact, GoldOperation, Operation, Session, StepSample, Turn, samples_to_table
 from learner import train
-from learner.bench_credit import conversations_per_horizon, parse_horizons
+from learner.bench_credit import CONVERSATIONS, conversations_per_horizon, parse_horizons, richest
 from learner.credit import group_credit, step_metrics, summarize, values_by_kind
 from memory_service.bank import MemoryBank
 
@@ -198,10 +198,29 @@ def test_bench_credit_arguments():
     for bad in ("", "2,x", "0,2", "2,2"):
         with pytest.raises(ValueError, match="--horizons takes distinct positive integers"):
             parse_horizons(bad)
-    assert conversations_per_horizon([2, 4, 8], None) == {2: 91, 4: 32, 8: 12}  # ceil(256 / H^1.5)
-    assert conversations_per_horizon([1], None) == {1: 256} and conversations_per_horizon([2, 8], 5) == {2: 5, 8: 5}
+    assert conversations_per_horizon([2, 4, 8], None) == CONVERSATIONS
+    assert conversations_per_horizon([1, 16], None) == {1: 100, 16: 2}  # ceil(100 / H^1.5) beyond the measured ones
+    assert conversations_per_horizon([2, 8], 5) == {2: 5, 8: 5}
     with pytest.raises(ValueError, match="--conversations must be at least 1"):
         conversations_per_horizon([2], 0)
+
+
+def test_each_horizon_measures_on_the_conversations_with_most_to_ask_by_then():
+    from actors.agent.rewards import final_questions
+    from common.config import DataConfig, SynthConfig
+    from common.data import load_dataset
+
+    world = load_dataset(DataConfig(source="synthetic", synth=SynthConfig(conversations=60, sessions=8, val_conversations=0)))
+    for horizon in (2, 8):
+        asked = {c.sample_id: len(final_questions(c, horizon, True)) for c in world}
+        chosen = richest(world, horizon, 10, True)
+        assert len({c.sample_id for c in chosen}) == 10
+        # Nothing left out asks more than anything chosen, and the chosen are ordered richest first.
+        assert min(asked[c.sample_id] for c in chosen) >= max(n for cid, n in asked.items() if cid not in {c.sample_id for c in chosen})
+        assert [asked[c.sample_id] for c in chosen] == sorted((asked[c.sample_id] for c in chosen), reverse=True)
+    early = richest(world, 2, 10, True)
+    assert sum(len(final_questions(c, 2, True)) for c in early) >= 2 * sum(len(final_questions(c, 2, True)) for c in world[:10])
+    assert [c.sample_id for c in richest(world, 2, 60, True)][:1] == [early[0].sample_id] and len(richest(world, 2, 99, True)) == 60
 
 
 @pytest.mark.slow
@@ -242,7 +261,7 @@ def test_bench_credit_on_the_tiny_world_reports_both_kinds_per_horizon_and_plots
                                                      "(data.source=synthetic, data.synth.sessions=3)"),
     (["--horizons", "2", "data.source=locomo"], "horizon 2 needs a synthetic world of at least 2 sessions "
                                                 "(data.source=locomo, data.synth.sessions=8)"),
-    (["--horizons", "2", "--conversations", "3", "data.synth.val_conversations=1"],
+    (["--horizons", "2", "--conversations", "3", "data.synth.conversations=3", "data.synth.val_conversations=1"],
      "3 conversations needed, the world trains on 2 (raise data.synth.conversations or lower data.synth.val_conversations)"),
 ])
 def test_bench_credit_refuses_a_world_it_cannot_measure_in_one_line_before_anything_starts(args, line, capsys):
