@@ -45,7 +45,7 @@ from common.data import load_dataset, split
 from common.metrics import run_root
 from common.types import Conversation
 from learner.bench_learning import _shared_warmstart
-from learner.credit import KINDS, group_credit, summarize, values_by_kind
+from learner.credit import KINDS, group_credit, paired_difference, summarize, values_by_kind
 from learner.logo_grpo import with_advantages
 from learner.train import job_asks
 
@@ -121,6 +121,7 @@ def run_credit_bench(horizons: list[int], conversations: int | None = None, over
             for kind in KINDS:
                 summary[kind]["cells"] = sum(g.cells for g in credit if g.kind == kind)
                 summary[kind]["with_signal"] = sum(g.kind == kind for g in credit)  # groups whose rewards differ
+            summary["local_minus_global"] = paired_difference(credit)
             asked = sum(len(final_questions(c, h, cfg.data.exclude_adversarial)) for c in chosen[h])
             result["horizons"][str(h)] = {**summary, "conversations": need[h], "questions": asked, "global_groups": batch.global_groups,
                                           "local_groups": batch.local_groups, "degenerate_groups": batch.degenerate_groups,
@@ -197,4 +198,8 @@ def render(result: dict) -> str:
             corr = "-" if s["corr_mean"] is None else f"{s['corr_mean']:+.3f}"
             ci = "-" if s["ci"] is None else f"[{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"
             lines.append(f"{h:>8} {kind:>7} {corr:>10} {ci:>18} {s['groups']:>7} {row['conversations']:>14}")
+    for h, row in result["horizons"].items():
+        d = row["local_minus_global"]
+        if d["mean"] is not None:
+            lines.append(f"H={h}: local - global {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] over {d['pairs']} paired sessions")
     return "\n".join(lines + [f"plot: {result['plot']}", f"out: {result['out']}"])

@@ -11,7 +11,10 @@ measurable:
               undefined (skipped) with fewer than MIN_CELL samples, a constant advantage or a
               constant oracle (no ranking to compare), and samples without an oracle (NaN) are left out;
   group value the mean over its defined cells; a group with none is not counted;
-  per kind    the mean over groups, with a bootstrap 95% interval over groups (common.scoring).
+  per kind    the mean over groups, with a bootstrap 95% interval over groups (common.scoring);
+  paired      local minus global where both kinds credited the same decisions (one conversation
+              and session; a session's local groups averaged first), with its bootstrap interval:
+              the two kinds' intervals overlap more than their paired difference does.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from common.types import GroupKind
 
 MIN_CELL = 3  # Spearman on two points is always +-1: no evidence either way
 KINDS: tuple[GroupKind, ...] = ("global", "local")
-COLUMNS = ("group_id", "group_kind", "session", "chunk", "role", "advantage", "oracle")
+COLUMNS = ("group_id", "group_kind", "conversation", "session", "chunk", "role", "advantage", "oracle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,7 @@ class GroupCredit:
     kind: GroupKind
     value: float | None  # mean Spearman over its defined cells; None: no defined cell
     cells: int  # defined cells
+    where: tuple[str, int]  # (conversation, session) whose steps the group credits
 
 
 def cell_correlation(advantages: list[float], oracles: list[float]) -> float | None:
@@ -52,9 +56,11 @@ def group_credit(table: pa.Table) -> list[GroupCredit]:
     """Every group of a step table (rows carrying their advantages), in order of first appearance."""
     cols = table.select(list(COLUMNS)).to_pydict()
     kinds: dict[str, GroupKind] = {}
+    where: dict[str, tuple[str, int]] = {}
     cells: dict[str, dict[tuple, tuple[list[float], list[float]]]] = defaultdict(dict)
-    for gid, kind, session, chunk, role, adv, oracle in zip(*(cols[c] for c in COLUMNS)):
+    for gid, kind, conversation, session, chunk, role, adv, oracle in zip(*(cols[c] for c in COLUMNS)):
         kinds.setdefault(gid, kind)
+        where.setdefault(gid, (conversation, session))
         cell = cells[gid].setdefault((session, chunk, role), ([], []))
         if oracle is not None and not math.isnan(oracle):
             cell[0].append(adv)
@@ -62,7 +68,7 @@ def group_credit(table: pa.Table) -> list[GroupCredit]:
     out = []
     for gid, kind in kinds.items():
         rhos = [r for advs, oracles in cells[gid].values() if (r := cell_correlation(advs, oracles)) is not None]
-        out.append(GroupCredit(gid, kind, statistics.fmean(rhos) if rhos else None, len(rhos)))
+        out.append(GroupCredit(gid, kind, statistics.fmean(rhos) if rhos else None, len(rhos), where[gid]))
     return out
 
 
@@ -83,6 +89,18 @@ def summarize(values: dict[str, list[float]]) -> dict[str, dict]:
         ci = bootstrap_ci(v)
         out[kind] = {"corr_mean": statistics.fmean(v) if v else None, "ci": list(ci) if ci else None, "groups": len(v)}
     return out
+
+
+def paired_difference(groups: Iterable[GroupCredit]) -> dict:
+    """Local minus global per (conversation, session) both kinds counted: mean, interval, pairs."""
+    by_kind: dict[str, dict[tuple[str, int], list[float]]] = {kind: defaultdict(list) for kind in KINDS}
+    for g in groups:
+        if g.value is not None:
+            by_kind[g.kind][g.where].append(g.value)
+    diffs = [statistics.fmean(local) - statistics.fmean(by_kind["global"][w])
+             for w, local in by_kind["local"].items() if w in by_kind["global"]]
+    ci = bootstrap_ci(diffs)
+    return {"mean": statistics.fmean(diffs) if diffs else None, "ci": list(ci) if ci else None, "pairs": len(diffs)}
 
 
 def step_metrics(table: pa.Table) -> dict[str, float]:

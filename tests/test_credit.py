@@ -13,7 +13,7 @@ from common.scoring import bootstrap_ci
 from common.types import Conversation, Fact, GoldOperation, Operation, Session, StepSample, Turn, samples_to_table
 from learner import train
 from learner.bench_credit import CONVERSATIONS, conversations_per_horizon, parse_horizons, richest
-from learner.credit import group_credit, step_metrics, summarize, values_by_kind
+from learner.credit import GroupCredit, group_credit, paired_difference, step_metrics, summarize, values_by_kind
 from memory_service.bank import MemoryBank
 
 BOSTON, REX = "Alice lives in Boston.", "Bob has a dog named Rex."
@@ -142,6 +142,21 @@ def test_spearman_per_cell_and_group_on_a_hand_made_table():
     assert summarize({"global": [], "local": []})["local"] == {"corr_mean": None, "ci": None, "groups": 0}
 
 
+def test_local_minus_global_pairs_the_groups_that_credit_the_same_session():
+    assert [g.where for g in group_credit(hand_table())] == [("c", 1), ("c", 2), ("c", 2), ("c", 1)]
+    assert paired_difference(group_credit(hand_table())) == {"mean": None, "ci": None, "pairs": 0}  # no session has both
+
+    def g(kind, conv, session, value):
+        return GroupCredit(f"{conv}/s{session}/{kind}{value}", kind, value, 1 if value is not None else 0, (conv, session))
+
+    groups = [g("global", "a", 1, 0.1), g("local", "a", 1, 0.5), g("local", "a", 1, 0.3),  # two anchors: averaged, +0.3
+              g("global", "a", 2, 0.4), g("local", "a", 2, 0.2),  # -0.2
+              g("global", "b", 1, 0.0), g("local", "b", 1, None),  # the local group did not count: no pair
+              g("local", "b", 2, 0.9)]  # no global group for (b, 2): no pair
+    d = paired_difference(groups)
+    assert d["pairs"] == 2 and d["mean"] == pytest.approx(0.05) and d["ci"] == pytest.approx(list(bootstrap_ci([0.3, -0.2])))
+
+
 def test_a_training_step_row_carries_credit_only_where_defined():
     table = hand_table()
     assert step_metrics(table) == {"credit_corr_global": pytest.approx(-0.1),
@@ -250,6 +265,8 @@ def test_bench_credit_on_the_tiny_world_reports_both_kinds_per_horizon_and_plots
             else:
                 assert stats["corr_mean"] is None and stats["ci"] is None
             counted += len(values)
+        pairs = row["local_minus_global"]
+        assert pairs["pairs"] <= min(row["global"]["groups"], row["local"]["groups"]) and (pairs["mean"] is None) == (pairs["pairs"] == 0)
     assert counted > 0  # oracle scores came through the real engine's rollouts into the groups
     plot = Path(result["plot"])
     assert plot.parent == Path(result["out"]) and plot.name == "credit.png" and plot.read_bytes()[:4] == b"\x89PNG"
