@@ -84,6 +84,10 @@ class WandbTracker:
         self.run.log(scalars(row), step=step)
 
     def finish(self, summary: dict[str, Any]) -> None:
+        # W&B holds the last step's row until the step is committed, and committing it at finish
+        # would overwrite the summary's keys that rows share ("steps": the run's steps in the
+        # summary, optimizer steps in a row); commit it first, so the summary comes last.
+        self.run.log({}, commit=True)
         self.run.summary.update(scalars(summary))
         self.run.finish()
 

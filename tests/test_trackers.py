@@ -85,7 +85,7 @@ def rows():
         {"step": 0, "stage": 0, "horizon": 2, "val_f1": 0.25, "val_f1_ci": [0.1, 0.4], "val_questions": 12},
         {"step": 1, "stage": 0, "horizon": 2, "reward_mean": 0.125, "loss": -0.03125, "logp_mismatch": 0.0071,
          "degenerate": True, "worker": "w0", "tokens_per_s": 812.5},
-        {"step": 2, "stage": 0, "horizon": 2, "reward_mean": 0.375, "loss": 0.5, "logp_mismatch": float("nan")},
+        {"step": 2, "stage": 0, "horizon": 2, "reward_mean": 0.375, "loss": 0.5, "logp_mismatch": float("nan"), "steps": 4.0},
         {"step": 2, "stage": 0, "horizon": 2, "val_f1": 0.5, "val_f1_per_question": [0.5, 0.5], "val_questions": 12},
     ]
 
@@ -105,7 +105,8 @@ def test_every_row_config_and_summary_reach_each_tracker_as_in_metrics_jsonl(tmp
     records = wandb_records(run)
     assert_equal_scalars(wandb_scalars(records), want, "wandb")
     summary = {k: v for r in records if r.get("type") == "summary" for k, v in r["summary"]["update"].items()}
-    assert summary["val_f1_end"] == 0.5 and summary["tracker_errors"] == 0
+    # The summary's "steps" (the run's) outlives the rows' (an update's optimizer steps) in W&B too.
+    assert summary["val_f1_end"] == 0.5 and summary["tracker_errors"] == 0 and summary["steps"] == 2
     config = next(r["run"]["config"]["update"] for r in records if r.get("type") == "run")
     assert config["algo"]["clip_eps"] == cfg.algo.clip_eps and config["model"]["name"] == cfg.model.name
 
