@@ -39,6 +39,10 @@ class StepRecord:
     # splitting depends on the turns alone, so one index is one decision point in every lane.
     chunk: int = 0
     oracle: float = math.nan  # the step's quality against the gold (actors.agent.oracle); NaN without gold
+    # What the oracle scores, kept until the lanes end (score_oracle): scoring inside a lane would
+    # take the program thread's time between engine steps and move which step each request joins
+    # (actors.engines.scheduler), and with it the batch-dependent rounding of every logprob.
+    graded: tuple | None = None
 
 
 @dataclass(slots=True)
@@ -54,6 +58,15 @@ class Lane:
 
     def generated_tokens(self) -> int:
         return sum(len(s.response_ids) for s in self.steps)
+
+
+def score_oracle(lanes: Sequence[Lane]) -> None:
+    """Every step's oracle score from what its lane kept for it, once the lanes have ended."""
+    for lane in lanes:
+        for step in lane.steps:
+            if step.graded is not None:
+                grade, turns, produced = step.graded
+                step.oracle, step.graded = grade(turns, produced), None
 
 
 def split_chunks(turns: Sequence[Turn], k: int) -> list[tuple[Turn, ...]]:
@@ -94,11 +107,12 @@ class EpisodeRunner:
                     oracle: Oracle | None = None) -> None:
         """Every lane through one session (lane i seeded by `seed_key` and i)."""
         self.run([self.session(lane, i, conv, session, spec, seed_key, oracle) for i, lane in enumerate(lanes)])
+        score_oracle(lanes)
 
     def session(self, lane: Lane, index: int, conv: Conversation, session: Session, spec: SamplingSpec, seed_key: tuple,
                 oracle: Oracle | None = None) -> Program:
         """Lane `index` through one session: per chunk, the extractor, then (if it found facts) the
-        manager. With `oracle` (the conversation's gold), every step records its oracle score."""
+        manager. With `oracle` (the conversation's gold), every step keeps what score_oracle needs."""
         speakers = {conv.speaker_a, conv.speaker_b}
         prompt_index = 0  # the extractor prompt's index within the session: the steps' `chunk`
         for c, chunk in enumerate(split_chunks(session.turns, self.cfg.rollout.chunks_per_session)):
@@ -110,7 +124,7 @@ class EpisodeRunner:
                 step = StepRecord("extractor", session.index, prompt, gen.token_ids, gen.logprobs, prompt_index)
                 facts = self._record(lane, step, parse_facts(gen.text, chunk_ids, speakers))
                 if oracle is not None:
-                    step.oracle = oracle.extractor(turns, facts)
+                    step.graded = (oracle.extractor, turns, facts)
                 if facts:
                     prompt, related = self._manager_prompt(lane, facts)
                     gen = yield Request(prompt, _seeded(spec, *key, "manager", index))
@@ -119,7 +133,7 @@ class EpisodeRunner:
                     lane.bank, errors = lane.bank.apply_all(ops, session.date_time)
                     lane.failed_ops += len(errors)
                     if oracle is not None:
-                        step.oracle = oracle.manager(turns, lane.bank)  # the bank its operations made
+                        step.graded = (oracle.manager, turns, lane.bank)  # the bank its operations made
                 prompt_index += 1
 
     def _extractor_prompts(self, lane: Lane, date: str, turns: tuple[Turn, ...]) -> list[tuple[list[int], tuple[Turn, ...]]]:

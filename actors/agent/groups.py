@@ -20,7 +20,7 @@ from actors.agent.answer_agent import AnswerAgent, build_queries
 from actors.agent.endpoint import RequestCounts
 from actors.engines.base import SamplingSpec
 from actors.engines.scheduler import Program
-from actors.agent.episode import EpisodeRunner, Lane
+from actors.agent.episode import EpisodeRunner, Lane, score_oracle
 from actors.agent.oracle import Oracle
 from actors.agent.rewards import (
     MemoryScore,
@@ -121,6 +121,7 @@ class GroupCollector:
         stats, start = LaneStats(), time.perf_counter()
         oracle = Oracle.of(conv)  # the gold side, once for every lane of the task
         self.runner.run([self._rollout(lane, i, conv, horizon, self.spec(), key, keep, oracle) for i, lane in enumerate(lanes)])
+        score_oracle(lanes)
         stats.generate_s = time.perf_counter() - start
         stats.add(lanes)
 
@@ -164,7 +165,7 @@ class GroupCollector:
         r = self.cfg.rollout
         spec = SamplingSpec(temperature=r.eval_temperature, top_p=1.0, max_new_tokens=r.max_new_tokens, seed=0)
         lane = Lane(MemoryBank.empty(self.cfg.memory.retriever))
-        self.runner.run([self._rollout(lane, 0, conv, horizon, spec, key, oracle=Oracle.of(conv))])
+        self.runner.run([self._rollout(lane, 0, conv, horizon, spec, key)])  # validation credits nothing: no oracle
         questions = final_questions(conv, horizon, self.cfg.data.exclude_adversarial)
         bank, stats = lane.bank, LaneStats()
         stats.add([lane])
