@@ -84,16 +84,9 @@ def test_stopped_and_killed_runs_resume_to_the_identical_next_steps(tmp_path, wa
 
     # Step 3: the stopped run's ran on, the killed one's repeated after a resume; step 4 the other
     # way round. Each stage keeps one best folder, as the stopped run does.
-    # The same requests give the same tokens whatever the batch, but not bit-identical logprobs:
-    # which engine step a request joins depends on timing (actors.engines.scheduler), and vLLM's
-    # CPU kernels round differently per batch shape (logp_mismatch differed by ~5e-7 per token
-    # here). The loss, a near-zero sum of z-scored advantages times exp(logp - behaviour logp),
-    # moves by that (1.49e-4 against 1.53e-4 at step 3); grad_norm, which the weights and the
-    # optimizer state decide, stays equal to 1e-6.
     for s in (3, 4):
-        for key in ("reward_mean", "format_failures", "generated_tokens", "degenerate_groups", "global_groups", "local_groups", "grad_norm", "policy_version"):
+        for key in ("reward_mean", "format_failures", "generated_tokens", "degenerate_groups", "global_groups", "local_groups", "loss", "grad_norm", "policy_version"):
             assert killed[s].get(key) == pytest.approx(stopped[s].get(key), rel=1e-6, abs=1e-9), (s, key)
-        assert killed[s]["loss"] == pytest.approx(stopped[s]["loss"], abs=2e-5), s
     assert saved(tmp_path / "killed")[2] == saved(tmp_path / "stopped")[2]
     # Overlapped: steps 2 and 4 trained on rows one update old (3's ran after a stage's start).
     assert [stopped[s].get("staleness_mean") for s in (2, 4)] == [pytest.approx(staleness)] * 2
