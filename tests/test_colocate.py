@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 SETTINGS = [*WORLD, "rollout.temperature=1.0", "rollout.n_global=4", "rollout.m_local=2", "rollout.max_new_tokens=192",
             "algo.local_prob=1.0", "learner.num_ranks=2", "rollout.num_actors=2", "learner.cpus_per_rank=0.5",
             "rollout.cpus_per_actor=0.5", "learner.mini_batch=8", "learner.micro_batch=2", "learner.lr=1e-5",
-            "metrics.prometheus=false"]
+            "metrics.prometheus=false", "rollout.deterministic=true", "rollout.tasks_per_worker=1"]  # batches free of timing
 
 
 def run_two_steps(cfg, check=None):

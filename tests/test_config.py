@@ -37,6 +37,7 @@ def test_yaml_then_dotted_overrides(tmp_path):
         ("learner.shared_prefix=maybe", "config learner.shared_prefix: Input should be 'auto', 'on' or 'off'"),
         ("cluster.colocate=true train.max_staleness=1 rollout.num_actors=1", "cluster.colocate needs train.max_staleness=0"),
         ("algo.off_policy=proximal", "config algo.off_policy: Input should be 'behaviour' or 'decoupled'"),
+        ("rollout.deterministic=true", "config rollout: rollout.deterministic needs rollout.tasks_per_worker=1 (got 4)"),
     ],
 )
 def test_bad_keys_and_values_fail_with_one_line_naming_the_field(override, expected):

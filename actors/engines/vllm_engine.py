@@ -34,7 +34,8 @@ class VLLMEngine(ChatEngineBase):
     name = "vllm"
 
     def __init__(self, model_dir: str | Path, seed: int = 0, max_model_len: int = 4096, dtype: str = "auto",
-                 gpu_memory_utilization: float = 0.85, enforce_eager: bool | None = None, colocated: bool = False):
+                 gpu_memory_utilization: float = 0.85, enforce_eager: bool | None = None, colocated: bool = False,
+                 prefix_caching: bool = True):
         super().__init__(model_dir, max_model_len)
         on_gpu = torch.cuda.is_available()
         # Colocated with a learner rank (cluster.colocate): it sleeps through the update. vLLM's
@@ -74,6 +75,7 @@ class VLLMEngine(ChatEngineBase):
             generation_config="vllm",
             weight_transfer_config=WeightTransferConfig(backend=self.transfer_backend),
             enable_sleep_mode=self.sleep_mode,
+            enable_prefix_caching=prefix_caching,  # off for rollout.deterministic (actors.engines.scheduler)
             **kwargs,
         )
         self.weight_dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")

@@ -58,12 +58,12 @@ class RolloutWorker:
             seed=cfg.seed,  # every request carries its own seed; this one only covers unseeded ones
             max_model_len=context_tokens(cfg),
             dtype=cfg.model.dtype,
-            **({"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization, "colocated": cfg.cluster.colocate}
-               if cfg.rollout.engine == "vllm" else {}),
+            **({"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization, "colocated": cfg.cluster.colocate,
+                "prefix_caching": not cfg.rollout.deterministic} if cfg.rollout.engine == "vllm" else {}),
         )
         # Every task this worker holds (rollout.tasks_per_worker, each on its own actor thread)
         # generates through one scheduler: one continuous batch on the engine.
-        self.scheduler = Scheduler(self.engine, threads=max(1, int(cfg.rollout.cpus_per_actor)))
+        self.scheduler = Scheduler(self.engine, threads=max(1, int(cfg.rollout.cpus_per_actor)), lockstep=cfg.rollout.deterministic)
         runner = EpisodeRunner(self.engine, cfg, self.scheduler)
         self.collector = GroupCollector(runner, make_answer_agent(cfg.reward.answer_agent), cfg)
         self.series = worker_series(self.run_name, self.worker_id, cfg.metrics.prometheus)

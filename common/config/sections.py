@@ -74,6 +74,11 @@ class RolloutConfig(Section):
     # Tasks a worker holds at once, all in one continuous batch on its engine (and the scaling
     # unit): 4 global tasks of n = 8 lanes are the 32 sequences in flight that fill a CPU engine.
     tasks_per_worker: int = Field(4, ge=1)
+    # Rollouts that repeat bit for bit whatever the timing (logprobs included): an engine step
+    # waits for every lane's CPU work, and vLLM caches no prefixes (actors.engines.scheduler). For
+    # exact resumes and side-by-side comparisons; it costs the overlap, so it needs
+    # tasks_per_worker=1 (a second task would join the batch at a step set by timing).
+    deterministic: bool = False
     chunks_per_session: int = Field(2, ge=1)  # K in DESIGN §1 (the paper: 6)
     n_global: int = Field(8, ge=2)  # n: full rollouts per conversation (the paper: 16)
     m_local: int = Field(2, ge=2)  # m: branches per local group (the paper: 4)
@@ -93,6 +98,13 @@ class RolloutConfig(Section):
     # moves its weights to host memory and drops the KV cache; level 2 drops both (the weights
     # come back with the sync). Not read on CPU, where vLLM has no sleep mode.
     sleep_level: Literal[1, 2] = 1
+
+    @model_validator(mode="after")
+    def _deterministic_alone(self) -> RolloutConfig:
+        if self.deterministic and self.tasks_per_worker != 1:
+            raise ValueError(f"rollout.deterministic needs rollout.tasks_per_worker=1 (got {self.tasks_per_worker}): "
+                             "a second task would join the batch at a step set by timing")
+        return self
 
 
 class AnswerAgentConfig(Section):
