@@ -103,13 +103,25 @@ def run_all(fn: Callable[[A, threading.Event], T], items: Sequence[A], concurren
     first error is raised at once: `stop` is set (siblings give up at their next retry) and items
     not yet started are dropped, so one endpoint down never waits out every request's timeout."""
     stop = threading.Event()
+
+    def guarded(item: A) -> T:
+        # The failing thread sets `stop` itself: it would otherwise start the next queued item
+        # (and send its request) before this thread wakes up to cancel it.
+        if stop.is_set():
+            raise CancelledError
+        try:
+            return fn(item, stop)
+        except BaseException:
+            stop.set()
+            raise
+
     pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(items))))
     try:
-        futures = [pool.submit(fn, item, stop) for item in items]
+        futures = [pool.submit(guarded, item) for item in items]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f.exception() for f in futures if f in done and f.exception() is not None]
         if failed:
-            raise failed[0]
+            raise next((e for e in failed if not isinstance(e, CancelledError)), failed[0])
         return [f.result() for f in futures]
     finally:
         stop.set()
