@@ -76,8 +76,8 @@ class RolloutConfig(Section):
     tasks_per_worker: int = Field(4, ge=1)
     # Rollouts that repeat bit for bit whatever the timing (logprobs included): an engine step
     # waits for every lane's CPU work, and vLLM caches no prefixes (actors.engines.scheduler). For
-    # exact resumes and side-by-side comparisons; it costs the overlap, so it needs
-    # tasks_per_worker=1 (a second task would join the batch at a step set by timing).
+    # exact resumes and side-by-side comparisons, at ~4x less rollout throughput (README). It needs
+    # tasks_per_worker=1: a second task would join the batch at a step set by timing.
     deterministic: bool = False
     chunks_per_session: int = Field(2, ge=1)  # K in DESIGN §1 (the paper: 6)
     n_global: int = Field(8, ge=2)  # n: full rollouts per conversation (the paper: 16)
