@@ -39,9 +39,9 @@ class StepRecord:
     # splitting depends on the turns alone, so one index is one decision point in every lane.
     chunk: int = 0
     oracle: float = math.nan  # the step's quality against the gold (actors.agent.oracle); NaN without gold
-    # What the oracle scores, kept until the lanes end (score_oracle): scoring inside a lane would
-    # take the program thread's time between engine steps and move which step each request joins
-    # (actors.engines.scheduler), and with it the batch-dependent rounding of every logprob.
+    # What the oracle scores, kept until the lanes end (score_oracle): the oracle only measures, so
+    # it stays off the program thread, whose time between engine steps the lanes' replies wait on
+    # (actors.engines.scheduler).
     graded: tuple | None = None
 
 
