@@ -11,10 +11,15 @@ Every run of every arm starts from one warm start (made once, copied into each r
 seeds differ only in their RL. Reported per arm: mean and standard error over seeds of the
 validation F1 gain (last validation minus first) and of the last validation's M-Fail, and the
 generation steps per update actually sampled (the match, measured).
+
+It takes hours at horizon 4 and beyond, so a bench is resumable: started again with the same
+`out` folder and arguments, it keeps the runs that finished, resumes the interrupted one from its
+last checkpoint (`memr2 train --resume auto`) and runs the rest.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import time
@@ -41,11 +46,13 @@ def arm_overrides(arm: str, cfg: Config) -> list[str]:
     raise ValueError(f"bench learning: unknown arm {arm!r} (arms: {', '.join(ARMS)})")
 
 
-def run_learning_bench(arms: list[str], seeds: int, overrides: list[str], console: Console | None = None) -> dict:
+def run_learning_bench(arms: list[str], seeds: int, overrides: list[str], console: Console | None = None,
+                       out: str | Path | None = None) -> dict:
     start = time.perf_counter()
     base = load_config(None, overrides)
     plans = {arm: arm_overrides(arm, base) for arm in arms}  # unknown arms fail before any work
-    root = run_root(base) / time.strftime("bench-learning-%Y%m%d-%H%M%S")
+    root = Path(out) if out else run_root(base) / time.strftime("bench-learning-%Y%m%d-%H%M%S")
+    _claim(root, {"arms": arms, "seeds": seeds, "overrides": overrides})
     init_ray(base.cluster, job_asks(base))
     warm = _shared_warmstart(base, root / "warmstart")
     result: dict = {"seeds": seeds, "arms": {}}
@@ -54,27 +61,46 @@ def run_learning_bench(arms: list[str], seeds: int, overrides: list[str], consol
         for seed in range(seeds):
             name = f"{arm}-seed{seed}"
             cfg = load_config(None, [*overrides, *extra, f"seed={seed}", f"metrics.run_dir={root}", f"metrics.run_name={name}"])
-            if warm is not None:
-                shutil.copytree(warm, root / name / "warmstart")
-            runs.append(_one_run(run(cfg), root / name))
+            runs.append(_one_run(_finished(root / name) or _train(cfg, warm, root / name), root / name))
         result["arms"][arm] = {"overrides": extra, **_mean_se(runs, "val_f1_gain"), **_mean_se(runs, "val_m_fail_end"),
                                "samples_per_step": statistics.fmean(r["samples_per_step"] for r in runs), "runs": runs}
-    result["wall_s"] = time.perf_counter() - start
+    result["wall_s"] = time.perf_counter() - start  # this invocation's; each run's own is in its row
     result["out"] = str(root)
     (console or Console(stderr=True)).print(render(result))
     return result
 
 
+def _claim(root: Path, args: dict) -> None:
+    """A bench folder holds one bench: resuming it with other arguments would mix two."""
+    path = root / "bench.json"
+    if path.is_file() and json.loads(path.read_text()) != args:
+        raise ValueError(f"bench learning: {root} holds a bench of other arguments ({path.read_text().strip()}); "
+                         "use the same ones or another --out")
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(args))
+
+
+def _finished(run_dir: Path) -> dict | None:
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _train(cfg: Config, warm: Path | None, run_dir: Path) -> dict:
+    if warm is not None and not (run_dir / "warmstart" / "config.json").is_file():
+        shutil.rmtree(run_dir / "warmstart", ignore_errors=True)  # a copy cut short
+        shutil.copytree(warm, run_dir / "warmstart")
+    return run(cfg, resume="auto")
+
+
 def _shared_warmstart(cfg: Config, out: Path) -> Path | None:
     if not cfg.train.warmstart.enabled:
         return None
-    run_warmstart(cfg, cfg.model.name, out)
+    if not (out / "config.json").is_file():  # written last: a resumed bench keeps a finished one
+        run_warmstart(cfg, cfg.model.name, out)
     return out
 
 
 def _one_run(summary: dict, run_dir: Path) -> dict:
-    import json
-
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     vals = [r for r in rows if "val_f1" in r]
     steps = [r["steps"] for r in rows if "reward_mean" in r]

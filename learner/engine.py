@@ -204,11 +204,17 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def save_hf(engine: Any, state: dict[str, torch.Tensor], out_dir: str, model_dir: str) -> None:
-    """A HF folder (config, safetensors, tokenizer files copied from the model dir if present)."""
+    """A HF folder (config, safetensors, tokenizer files copied from the model dir if present),
+    written beside and renamed into place: a folder with a config.json is whole, which is how a
+    resumed run (or bench) knows its warm start was finished, not cut short by a kill."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    engine.module.save_pretrained(out, state_dict=state)
+    part = out.with_name(out.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    engine.module.save_pretrained(part, state_dict=state)
     for name in TOKENIZER_FILES:
         src = Path(model_dir) / name
         if src.is_file():
-            shutil.copy2(src, out / name)
+            shutil.copy2(src, part / name)
+    shutil.rmtree(out, ignore_errors=True)
+    part.rename(out)

@@ -102,7 +102,8 @@ def _cmd_bench_rollout(args: argparse.Namespace) -> int:
 def _cmd_bench_learning(args: argparse.Namespace) -> int:
     from learner.bench_learning import run_learning_bench
 
-    result = run_learning_bench([a.strip() for a in args.arms.split(",") if a.strip()], args.seeds, args.overrides)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    result = run_learning_bench(arms, args.seeds, args.overrides, out=args.out)
     if args.json:
         print(json.dumps(result))
     return 0
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "gain and M-Fail per arm, mean and standard error over seeds")
     learning.add_argument("--arms", default="logo,grpo", help="comma-separated: logo, grpo")
     learning.add_argument("--seeds", type=int, default=3)
+    learning.add_argument("--out", help="the bench's folder (default: a new runs/bench-learning-<time>); given one "
+                          "that holds an interrupted bench of the same arguments, it keeps the finished runs, "
+                          "resumes the interrupted one and runs the rest")
     credit = _bench(bench, "credit", _cmd_bench_credit, "credit fidelity: Spearman between each group's advantages and "
                     "the steps' oracle scores, global against local groups, per horizon (rollouts only)")
     credit.add_argument("--horizons", default="2,4,8", help="comma-separated horizons (sessions per rollout)")

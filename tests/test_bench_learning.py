@@ -26,7 +26,8 @@ def test_both_arms_run_and_report_mean_and_error_over_seeds(ray_local, tmp_path,
             "curriculum.stages=[{horizon: 1, epochs: 1}]", "rollout.n_global=2", "rollout.max_new_tokens=16",
             "train.conversations_per_step=2", "rollout.num_actors=1", "learner.cpus_per_rank=1",
             "metrics.prometheus=false", f"metrics.run_dir={tmp_path}"]
-    assert main(["bench", "learning", "--arms", "logo,grpo", "--seeds", "2", "--json", *tiny]) == 0
+    bench = ["bench", "learning", "--arms", "logo,grpo", "--seeds", "2", "--out", str(tmp_path / "b"), "--json"]
+    assert main([*bench, *tiny]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result["arms"]) == {"logo", "grpo"} and result["seeds"] == 2
     assert result["arms"]["grpo"]["overrides"] == ["algo.local_prob=0", "rollout.n_global=3"]
@@ -37,3 +38,14 @@ def test_both_arms_run_and_report_mean_and_error_over_seeds(ray_local, tmp_path,
         assert arm["val_f1_gain_mean"] == pytest.approx(sum(gains) / 2)
         assert arm["val_f1_gain_se"] == pytest.approx(abs(gains[0] - gains[1]) / 2)  # stdev/sqrt(2) of two values
         assert arm["samples_per_step"] > 0
+
+    # Started again on the same folder, a finished bench trains nothing and reports the same runs.
+    logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "b").glob("*/metrics.jsonl")}
+    assert len(logs) == 4
+    assert main([*bench, *tiny]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "b").glob("*/metrics.jsonl")} == logs
+    assert [a["runs"] for a in again["arms"].values()] == [a["runs"] for a in result["arms"].values()]
+    # With other arguments it refuses, in one line, rather than mix two benches in one folder.
+    assert main(["bench", "learning", "--seeds", "3", "--out", str(tmp_path / "b"), *tiny]) == 2
+    assert "holds a bench of other arguments" in capsys.readouterr().err

@@ -80,3 +80,34 @@ def test_the_disk_peak_counts_checkpoints_and_model_folders():
     assert checkpoint_disk_peak_files(load_config("deploy/paper.yaml")) == {"deepspeed_checkpoints": 2, "model_folders": 5}
     laptop = load_config(None, ["train.keep_checkpoints=3"])  # one stage, a warm start
     assert checkpoint_disk_peak_files(laptop) == {"deepspeed_checkpoints": 4, "model_folders": 4}
+
+
+def test_a_model_folder_cut_short_is_never_taken_for_a_finished_one(tmp_path):
+    """save_hf writes beside and renames: a kill mid-write leaves no config.json at the folder's
+    path, so a resumed run (or bench) makes its warm start again instead of loading half of one."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from learner.engine import save_hf
+
+    class Engine:  # what save_hf reads of a DeepSpeed engine: the module
+        module = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, num_key_value_heads=1))
+
+    out = tmp_path / "warmstart"
+    state = Engine.module.state_dict()
+    killed = Engine.module.save_pretrained
+
+    def cut_short(folder, **kw):
+        Engine.module.config.save_pretrained(folder)  # the config goes first, as in transformers
+        raise KeyboardInterrupt
+
+    Engine.module.save_pretrained = cut_short
+    with pytest.raises(KeyboardInterrupt):
+        save_hf(Engine, state, str(out), str(tmp_path))
+    assert not out.exists() and (tmp_path / "warmstart.part" / "config.json").is_file()
+    Engine.module.save_pretrained = killed
+    save_hf(Engine, state, str(out), str(tmp_path))
+    assert (out / "config.json").is_file() and not (tmp_path / "warmstart.part").exists()
+    loaded = LlamaForCausalLM.from_pretrained(out)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
