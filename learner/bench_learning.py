@@ -10,7 +10,9 @@ p_local * m session-rollouts per session, against n per session from the global 
 Every run of every arm starts from one warm start (made once, copied into each run), so arms and
 seeds differ only in their RL. Reported per arm: mean and standard error over seeds of the
 validation F1 gain (last validation minus first) and of the last validation's M-Fail, and the
-generation steps per update actually sampled (the match, measured).
+generation steps per update actually sampled (the match, measured). Seed s of either arm has the
+same epoch order and validation set, so the arms are also compared seed by seed: LoGo's gain minus
+GRPO's, its mean over seeds and a t-interval.
 
 It takes hours at horizon 4 and beyond, so a bench is resumable: started again with the same
 `out` folder and arguments, it keeps the runs that finished, resumes the interrupted one from its
@@ -64,6 +66,8 @@ def run_learning_bench(arms: list[str], seeds: int, overrides: list[str], consol
             runs.append(_one_run(_finished(root / name) or _train(cfg, warm, root / name), root / name))
         result["arms"][arm] = {"overrides": extra, **_mean_se(runs, "val_f1_gain"), **_mean_se(runs, "val_m_fail_end"),
                                "samples_per_step": statistics.fmean(r["samples_per_step"] for r in runs), "runs": runs}
+    if {"logo", "grpo"} <= result["arms"].keys():
+        result["logo_minus_grpo"] = paired_gain(result["arms"]["logo"]["runs"], result["arms"]["grpo"]["runs"])
     result["wall_s"] = time.perf_counter() - start  # this invocation's; each run's own is in its row
     result["out"] = str(root)
     (console or Console(stderr=True)).print(render(result))
@@ -115,6 +119,19 @@ def _mean_se(runs: list[dict], key: str) -> dict:
     return {f"{key}_mean": statistics.fmean(values), f"{key}_se": se}
 
 
+def paired_gain(logo: list[dict], grpo: list[dict]) -> dict:
+    """LoGo's val F1 gain minus GRPO's, seed by seed: mean, standard error and a 95% t-interval."""
+    from scipy import stats
+
+    diffs = [a["val_f1_gain"] - b["val_f1_gain"] for a, b in zip(logo, grpo, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "se": None, "ci": None, "seeds": len(diffs)}
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5
+    half = stats.t.ppf(0.975, len(diffs) - 1) * se
+    return {"mean": mean, "se": se, "ci": [mean - half, mean + half], "seeds": len(diffs)}
+
+
 def render(result: dict) -> Table:
     table = Table(title=f"LoGo-GRPO vs GRPO at equal samples ({result['seeds']} seeds, mean ± s.e.)")
     for header in ("arm", "val F1 gain", "val M-Fail (end)", "samples / step"):
@@ -126,4 +143,8 @@ def render(result: dict) -> Table:
 
     for arm, stats in result["arms"].items():
         table.add_row(arm, fmt(stats, "val_f1_gain"), fmt(stats, "val_m_fail_end").lstrip("+"), f"{stats['samples_per_step']:.0f}")
+    paired = result.get("logo_minus_grpo")
+    if paired and paired["ci"]:
+        lo, hi = paired["ci"]
+        table.caption = f"logo − grpo, seed by seed: {paired['mean']:+.3f} (95% t-interval {lo:+.3f} … {hi:+.3f})"
     return table
