@@ -57,15 +57,16 @@ def run_learning_bench(arms: list[str], seeds: int, overrides: list[str], consol
     _claim(root, {"arms": arms, "seeds": seeds, "overrides": overrides})
     init_ray(base.cluster, job_asks(base))
     warm = _shared_warmstart(base, root / "warmstart")
-    result: dict = {"seeds": seeds, "arms": {}}
-    for arm, extra in plans.items():
-        runs = []
-        for seed in range(seeds):
+    runs: dict[str, list[dict]] = {arm: [] for arm in plans}
+    for seed in range(seeds):  # seed by seed, so a bench cut short holds pairs of runs
+        for arm, extra in plans.items():
             name = f"{arm}-seed{seed}"
             cfg = load_config(None, [*overrides, *extra, f"seed={seed}", f"metrics.run_dir={root}", f"metrics.run_name={name}"])
-            runs.append(_one_run(_finished(root / name) or _train(cfg, warm, root / name), root / name))
-        result["arms"][arm] = {"overrides": extra, **_mean_se(runs, "val_f1_gain"), **_mean_se(runs, "val_m_fail_end"),
-                               "samples_per_step": statistics.fmean(r["samples_per_step"] for r in runs), "runs": runs}
+            runs[arm].append(_one_run(_finished(root / name) or _train(cfg, warm, root / name), root / name))
+    result: dict = {"seeds": seeds, "arms": {
+        arm: {"overrides": plans[arm], **_mean_se(rs, "val_f1_gain"), **_mean_se(rs, "val_m_fail_end"),
+              "samples_per_step": statistics.fmean(r["samples_per_step"] for r in rs), "runs": rs}
+        for arm, rs in runs.items()}}
     if {"logo", "grpo"} <= result["arms"].keys():
         result["logo_minus_grpo"] = paired_gain(result["arms"]["logo"]["runs"], result["arms"]["grpo"]["runs"])
     result["wall_s"] = time.perf_counter() - start  # this invocation's; each run's own is in its row
