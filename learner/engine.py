@@ -142,7 +142,7 @@ def build_engine(model_dir: str, cfg: LearnerConfig, world_size: int, bf16: bool
     trainable = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all tensors, without the parameter-sized temporaries of the foreach
     # implementation (measured on CPU: the optimizer step's peak fell by ~3 B/param).
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.resolved_lr(bf16), weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
     engine, *_ = deepspeed.initialize(  # DeepSpeed steps the scheduler at each optimizer step
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, world_size, bf16, sum(p.numel() for p in trainable)),

@@ -118,6 +118,7 @@ class LearnerRank:
             "samples": totals[-2],
             "tokens": totals[-1],
             "steps": float(steps),
+            "lr": self.engine.get_lr()[0],  # after the schedule's last step; learner.lr=None resolves by precision
             "train_s": time.perf_counter() - start,
         }
         if version is not None:

@@ -33,6 +33,15 @@ def test_learner_bf16_auto_follows_the_same_flags(monkeypatch):
     assert engine.resolve_bf16("on") and not engine.resolve_bf16("off")
 
 
+def test_the_default_lr_follows_the_learners_precision():
+    from common.config import LearnerConfig
+
+    # bf16 weights round most small updates away; fp32 takes them all (learner.lr's comment).
+    assert LearnerConfig().resolved_lr(bf16=True) == 3e-5
+    assert LearnerConfig().resolved_lr(bf16=False) == 1e-5
+    assert LearnerConfig(lr=2e-6).resolved_lr(bf16=False) == 2e-6  # set: kept whatever the precision
+
+
 def test_an_engine_built_with_auto_computes_in_the_native_dtype(monkeypatch):
     import common.hardware as hw
     from actors.engines.factory import make_engine

@@ -164,6 +164,7 @@ def test_advantage_sign_moves_the_policy(learner):
     assert_finite(metrics)
     assert metrics["samples"] == 8 and metrics["steps"] == 2 * 2  # 2 epochs x ceil(8 / 4)
     assert metrics["policy_version"] == learner.version == 1
+    assert metrics["lr"] == 5e-4  # the optimizer's, as the step row reports it
     for delta, sign in zip((after - before).tolist(), signs):
         if sign > 0:
             assert delta > 0

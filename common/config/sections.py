@@ -32,7 +32,7 @@ class DataConfig(Section):
     path: str | None = None  # source=file: any file in LoCoMo's schema
     # 11 conversations to train on, two per step (six steps, the last of one), and 20 to validate
     # (the last ones: 60 questions at horizon 2). With 21 (6 conversations) the gain's 95% interval
-    # was +-0.14, wider than the gains it had to tell apart; 60 cost ~40 s more per validation.
+    # was +-0.14, wider than the gains it had to tell apart (docs/experiments.md).
     synth: SynthConfig = SynthConfig(conversations=31, val_conversations=20)
     train_ids: list[str] = ["conv-43", "conv-47"]
     val_ids: list[str] = ["conv-44"]
@@ -166,10 +166,13 @@ class LearnerConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
     bf16: Literal["auto", "on", "off"] = "auto"  # auto: where the hardware has it natively
-    # The paper's 2e-6 is for 7B (deploy/paper.yaml sets it). For the embedded default's top 10
-    # SmolLM2 layers, 5e-5 collapsed greedy validation within 4-6 steps (README, Training); 3e-5
-    # raises the sampled reward and keeps it stable.
-    lr: float = Field(3e-5, gt=0)
+    # The paper's 2e-6 is for 7B (deploy/paper.yaml sets it). None: the embedded default's, by the
+    # learner's precision (resolved_lr). For SmolLM2's top 10 layers in bf16, 5e-5 collapsed greedy
+    # validation within 4-6 steps (README, Training) and 3e-5 raises it. In fp32 the same lr moves
+    # the policy ~6x further in KL per step: bf16 weights round most updates of that size away (a
+    # quarter of the trained weights changed over six steps, against all of them in fp32), and
+    # 1e-5 brings fp32's KL to bf16's (docs/experiments.md, The dtype for the CPU).
+    lr: float | None = Field(None, gt=0)
     # RL keeps lr constant (the reference); a warm start from random init needs warm-up and decay.
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)  # optimizer steps of linear warm-up
@@ -215,6 +218,9 @@ class LearnerConfig(Section):
     # engine is awake (rollouts, sync), and back for the update. auto: when `memr2 plan` finds the
     # awake engine and the resident learner do not fit one GPU together.
     offload_states: Literal["auto", "on", "off"] = "auto"
+
+    def resolved_lr(self, bf16: bool) -> float:
+        return self.lr if self.lr is not None else (3e-5 if bf16 else 1e-5)
 
     @field_validator("bf16", "gradient_checkpointing", "offload_states", "shared_prefix", mode="before")
     @classmethod
