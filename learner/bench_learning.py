@@ -100,7 +100,7 @@ def _train(cfg: Config, warm: Path | None, run_dir: Path) -> dict:
 def _shared_warmstart(cfg: Config, out: Path) -> Path | None:
     if not cfg.train.warmstart.enabled:
         return None
-    if not (out / "config.json").is_file():  # written last: a resumed bench keeps a finished one
+    if not (out / "config.json").is_file():  # save_hf renames a folder in whole: a resumed bench keeps a finished one
         run_warmstart(cfg, cfg.model.name, out)
     return out
 
