@@ -17,7 +17,8 @@ from actors.agent.episode import request_seed
 from actors.engines.models import check_model_name
 from actors.fleet.cluster import Asks, fleet_asks, init_ray
 from actors.fleet.colocation import Colocation, pair_bundle, pair_resources
-from actors.fleet.fleet import RolloutFleet, worker_resources
+from actors.fleet.fleet import RolloutFleet
+from actors.fleet.slots import worker_resources
 from actors.fleet.ahead import RolloutsAhead
 from actors.fleet.tasks import StepPlan, plan_step
 from common.config import Config

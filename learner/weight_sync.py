@@ -30,7 +30,8 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from actors.fleet.errors import one_line
-from actors.fleet.fleet import RolloutFleet, Slot
+from actors.fleet.fleet import RolloutFleet
+from actors.fleet.slots import Slot
 from common.config import Config
 from learner.deepspeed_learner import Learner, LearnerLost
 

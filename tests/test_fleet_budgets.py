@@ -9,7 +9,8 @@ import pytest
 from actors.fleet import fleet as fleet_module
 from actors.fleet.budgets import StartBudget
 from actors.fleet.errors import WorkerStartError
-from actors.fleet.fleet import RolloutFleet, Slot
+from actors.fleet.fleet import RolloutFleet
+from actors.fleet.slots import Slot
 from actors.fleet.worker import RolloutWorker
 from common.config import ConfigError, load_config
 

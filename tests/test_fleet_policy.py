@@ -4,7 +4,7 @@ the task plan (stable ids, seeds independent of workers), and the config's fleet
 import pytest
 
 from actors.fleet.errors import one_line
-from actors.fleet.fleet import _Round
+from actors.fleet.slots import Round
 from actors.fleet.scaling import ScalingPolicy, autoscale_bounds
 from actors.fleet.tasks import plan_step, plan_validation
 from common.config import ConfigError, load_config
@@ -42,7 +42,7 @@ def test_fixed_size_when_min_equals_max():
 
 
 def test_each_result_enters_once_and_a_late_duplicate_is_refused():
-    rnd = _Round(expected=2)
+    rnd = Round(expected=2)
     assert rnd.accept("step0/global/c", "first") and not rnd.done()
     assert not rnd.accept("step0/global/c", "late copy from a dropped worker")
     assert rnd.results["step0/global/c"] == "first"

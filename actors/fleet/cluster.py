@@ -10,6 +10,7 @@ import time
 import ray
 
 from actors.fleet.scaling import autoscale_bounds
+from actors.fleet.slots import worker_resources
 from common.config import ClusterConfig, Config
 
 # Every actor runs offline (models come from folders or packages) and quietly.
@@ -21,8 +22,6 @@ Asks = dict[str, list[dict[str, float]]]  # what, e.g. "rollout actor" -> one re
 
 def fleet_asks(cfg: Config) -> Asks:
     """The rollout fleet at its minimum size: what the cluster must hold for the job to start."""
-    from actors.fleet.fleet import worker_resources
-
     return {"rollout actor": [worker_resources(cfg)] * autoscale_bounds(cfg)[0]}
 
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import asdict
+from typing import Any
 
 import ray
 from ray.exceptions import ObjectLostError, OwnerDiedError, RayActorError, RayTaskError, WorkerCrashedError
@@ -38,6 +38,7 @@ from actors.fleet.errors import RolloutError, WorkerStartError, one_line
 from actors.fleet.metrics import fleet_series
 from actors.fleet.policy_store import PolicyStore, on_this_node
 from actors.fleet.scaling import CapacityRequest, ScalingPolicy
+from actors.fleet.slots import Faults, Round, Slot, Work, worker_resources
 from actors.fleet.tasks import LocalTask, StepPlan, Task, plan_validation
 from actors.fleet.worker import RolloutWorker
 from common.config import Config
@@ -47,62 +48,6 @@ from memory_service.snapshots import SnapshotKeeper
 log = logging.getLogger("memr2.fleet")
 POLL_S = 0.5  # how often the driver looks at deadlines and the backlog when nothing arrives
 WORKER_LOST = (RayActorError, WorkerCrashedError, ObjectLostError, OwnerDiedError)
-
-
-def worker_resources(cfg: Config) -> dict[str, float]:
-    r = cfg.rollout
-    return {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor, **r.resources}
-
-
-class Work(NamedTuple):
-    task: Task
-    snapshot: ray.ObjectRef | None  # a local task's anchor snapshot, resolved by Ray on the worker
-
-
-@dataclass(eq=False)
-class Slot:
-    worker_id: str
-    handle: ray.actor.ActorHandle
-    requested_at: float  # the placement budget's clock
-    placed: ray.ObjectRef | None  # its node() until the actor runs on a node; then None
-    ready: ray.ObjectRef | None  # its start() (the engine) until it is live; then None
-    placed_at: float | None = None  # the start budget's clock
-    info: dict | None = None
-    running: dict[ray.ObjectRef, Work] = field(default_factory=dict)
-    progress_at: float = 0.0  # a dispatch onto it while idle, or its last result: the hang clock
-    draining: bool = False
-    bundle: int | None = None  # colocated: the placement-group bundle it shares with learner rank `bundle`
-
-
-@dataclass
-class Faults:
-    worker_failures: int = 0
-    tasks_retried: int = 0
-    duplicate_results: int = 0
-
-
-@dataclass
-class _Round:
-    """One batch of tasks in flight: the queue, the local tasks waiting for their snapshot, results."""
-
-    queue: deque[Work] = field(default_factory=deque)
-    gated: dict[ray.ObjectRef, LocalTask] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
-    expected: int = 0
-    attempts: Counter = field(default_factory=Counter)
-    ran_on: dict[str, str] = field(default_factory=dict)
-    on_result: Callable[[str], None] | None = None  # task id, once per task (a progress bar)
-
-    def accept(self, task_id: str, value: Any, worker_id: str = "") -> bool:
-        if task_id in self.results:
-            return False
-        self.results[task_id], self.ran_on[task_id] = value, worker_id
-        if self.on_result is not None:
-            self.on_result(task_id)
-        return True
-
-    def done(self) -> bool:
-        return len(self.results) == self.expected
 
 
 class RolloutFleet:
@@ -173,7 +118,7 @@ class RolloutFleet:
             try:
                 ray.get(ref)
             except WORKER_LOST as err:
-                self._drop(slot, _Round(), f"died during a weight sync ({type(err).__name__})")
+                self._drop(slot, Round(), f"died during a weight sync ({type(err).__name__})")
 
     def sleep(self) -> float:
         """Colocated: every engine gives its GPU to the update (rollout.sleep_level); seconds."""
@@ -188,11 +133,11 @@ class RolloutFleet:
         from the policy store. For a collective weight sync that lost one of its members."""
         for slot in slots:
             if slot.worker_id in self.slots:
-                self._drop(slot, _Round(), reason)
+                self._drop(slot, Round(), reason)
 
     def run_tasks(self, tasks: Sequence[Task], on_result: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Run every task once on the live workers; task id -> result."""
-        rnd = _Round(expected=len(tasks), on_result=on_result)
+        rnd = Round(expected=len(tasks), on_result=on_result)
         for task in tasks:
             if isinstance(task, LocalTask):
                 rnd.gated[self.keeper.wait.remote(task.snapshot_id)] = task
@@ -207,7 +152,7 @@ class RolloutFleet:
 
     def idle(self, seconds: float) -> None:
         """Keep the fleet's size current for `seconds` while the driver has no tasks for it."""
-        rnd, end = _Round(), time.monotonic() + seconds
+        rnd, end = Round(), time.monotonic() + seconds
         while time.monotonic() < end:
             self._tick(rnd)
 
@@ -240,7 +185,7 @@ class RolloutFleet:
 
     # ------------------------------------------------------------------ the loop
 
-    def _tick(self, rnd: _Round) -> None:
+    def _tick(self, rnd: Round) -> None:
         running = sum(len(s.running) for s in self.slots.values())
         self._rescale(len(rnd.queue) + len(rnd.gated) + running)
         self._dispatch(rnd.queue)
@@ -269,7 +214,7 @@ class RolloutFleet:
                 slot.progress_at = now
             slot.running[slot.handle.run.remote(work.task, work.snapshot)] = work
 
-    def _settle(self, ref: ray.ObjectRef, rnd: _Round) -> None:
+    def _settle(self, ref: ray.ObjectRef, rnd: Round) -> None:
         if ref in self._orphans:  # a dropped worker's result: first one in still counts
             work, worker_id = self._orphans.pop(ref)
             try:
@@ -298,11 +243,11 @@ class RolloutFleet:
         if slot.draining and not slot.running:
             self._retire(slot)
 
-    def _accept(self, rnd: _Round, task_id: str, value: Any, worker_id: str) -> None:
+    def _accept(self, rnd: Round, task_id: str, value: Any, worker_id: str) -> None:
         if not rnd.accept(task_id, value, worker_id):
             self._count("duplicate_results")
 
-    def _starting(self, slot: Slot, ref: ray.ObjectRef, rnd: _Round) -> None:
+    def _starting(self, slot: Slot, ref: ray.ObjectRef, rnd: Round) -> None:
         """node() returned: placed, the start budget begins. start() returned: live."""
         try:
             value = ray.get(ref)
@@ -314,14 +259,14 @@ class RolloutFleet:
         else:
             slot.info, slot.ready, slot.progress_at, self._start_failures = value, None, time.monotonic(), 0
 
-    def _start_failed(self, slot: Slot, rnd: _Round, why: str) -> None:
+    def _start_failed(self, slot: Slot, rnd: Round, why: str) -> None:
         """Dropped and replaced like a worker that died; so many in a row mean none can start."""
         self._start_failures += 1
         self._drop(slot, rnd, f"failed to start: {why}")
         if self._start_failures >= self.cfg.cluster.max_task_attempts:
             raise WorkerStartError(f"rollout workers fail to start ({self._start_failures} in a row): {why}")
 
-    def _drop(self, slot: Slot, rnd: _Round, reason: str) -> None:
+    def _drop(self, slot: Slot, rnd: Round, reason: str) -> None:
         """A worker is lost: count it, queue its tasks again (first in line), kill what is left of it."""
         self.slots.pop(slot.worker_id, None)
         self._count("worker_failures")
@@ -336,7 +281,7 @@ class RolloutFleet:
         log.warning("memr2: rollout worker %s %s; %d task(s) queued again", slot.worker_id, reason, len(works))
         self._kill(slot)
 
-    def _drop_hung(self, rnd: _Round) -> None:
+    def _drop_hung(self, rnd: Round) -> None:
         timeout = self.cfg.cluster.task_timeout_s
         if timeout is None:
             return
@@ -374,13 +319,13 @@ class RolloutFleet:
     def _await_live(self, n: int) -> None:
         """Start-up: wait for n workers, or go on with those live once the rest are unplaced past
         cluster.placement_timeout_s (they stay pending: demand for the autoscaler)."""
-        rnd = _Round()
+        rnd = Round()
         while len(self.live()) < n:
             self._tick(rnd)  # first: it starts the workers still missing (a replacement), so they count
             if self.live() and not self.budget.awaited(self.slots.values(), time.monotonic()):
                 break
 
-    def _check_starts(self, rnd: _Round) -> None:
+    def _check_starts(self, rnd: Round) -> None:
         """The start budgets: an engine not ready in time is a failed start; no worker live or
         placed within cluster.placement_timeout_s stops the job with one line."""
         now = time.monotonic()
