@@ -9,7 +9,7 @@ import pytest
 
 from actors.agent.answer_agent import ReaderAgent
 from actors.engines.base import SamplingSpec
-from actors.agent.episode import EpisodeRunner, Lane, request_seed, split_chunks
+from actors.agent.episode import EpisodeRunner, Lane, request_seed, score_oracle, split_chunks
 from actors.agent.groups import GroupCollector
 from actors.agent.oracle import Oracle, soft_f1_texts
 from actors.agent.prompts import context_tokens, prompt_budget, render_facts, render_operations
@@ -131,6 +131,8 @@ def test_every_step_records_its_chunk_and_oracle_score(cfg):
     conv = replace(conversation(), gold_operations=gold)
     lanes = [Lane(MemoryBank.empty()) for _ in range(3)]
     EpisodeRunner(ScriptedEngine(respond), cfg).run_session(lanes, conv, conv.sessions[0], SamplingSpec(), ("k",), Oracle.of(conv))
+    assert all(math.isnan(s.oracle) for lane in lanes for s in lane.steps)  # graded after generation, not during it
+    score_oracle(lanes)
     boston = soft_f1_texts(["Alice: I live in Boston."], ["Alice lives in Boston."])
     rex = soft_f1_texts(["Bob: I have a dog named Rex."], ["Bob has a dog named Rex."])
     assert 0 < rex < boston < 1  # the extracted wording is close to the gold's, not equal

@@ -105,9 +105,9 @@ class EpisodeRunner:
 
     def run_session(self, lanes: Sequence[Lane], conv: Conversation, session: Session, spec: SamplingSpec, seed_key: tuple,
                     oracle: Oracle | None = None) -> None:
-        """Every lane through one session (lane i seeded by `seed_key` and i)."""
+        """Every lane through one session (lane i seeded by `seed_key` and i); with `oracle`, the
+        steps keep what score_oracle grades once the caller is done generating."""
         self.run([self.session(lane, i, conv, session, spec, seed_key, oracle) for i, lane in enumerate(lanes)])
-        score_oracle(lanes)
 
     def session(self, lane: Lane, index: int, conv: Conversation, session: Session, spec: SamplingSpec, seed_key: tuple,
                 oracle: Oracle | None = None) -> Program:

@@ -121,11 +121,11 @@ class GroupCollector:
         stats, start = LaneStats(), time.perf_counter()
         oracle = Oracle.of(conv)  # the gold side, once for every lane of the task
         self.runner.run([self._rollout(lane, i, conv, horizon, self.spec(), key, keep, oracle) for i, lane in enumerate(lanes)])
-        score_oracle(lanes)
         stats.generate_s = time.perf_counter() - start
-        stats.add(lanes)
 
         start = time.perf_counter()
+        score_oracle(lanes)
+        stats.add(lanes)
         questions = final_questions(conv, horizon, self.cfg.data.exclude_adversarial)
         seen = dialogue_tokens(conv, horizon)
         predictions = [self._answer(conv, lane.bank, questions, stats) for lane in lanes]
@@ -149,9 +149,10 @@ class GroupCollector:
         stats, start = LaneStats(), time.perf_counter()
         self.runner.run_session(lanes, conv, session, self.spec(), (key,), Oracle.of(conv))
         stats.generate_s = time.perf_counter() - start
-        stats.add(lanes)
 
         start = time.perf_counter()
+        score_oracle(lanes)
+        stats.add(lanes)
         position = conv.sessions.index(session) + 1
         questions = questions_up_to(scored_questions(conv, self.cfg.data.exclude_adversarial), t)
         seen = dialogue_tokens(conv, position)

@@ -73,6 +73,10 @@ class RolloutBatch:
             "rejected_items": s.rejected_items,
             "answer_retries": s.answer_retries,  # the answer agent's endpoint: re-sent requests
             "answer_failures": s.answer_failures,  # and requests that met an error (then answered)
+            # Summed over tasks, so seconds of workers, not of the wall: where the rollouts' time
+            # went, generating (the engine) or scoring (answer agent, rewards, oracle).
+            "generate_s": s.generate_s,
+            "score_s": s.score_s,
             "global_groups": self.global_groups,
             "local_groups": self.local_groups,
             "degenerate_groups": self.degenerate_groups,
