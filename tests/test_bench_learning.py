@@ -5,7 +5,7 @@ import json
 import pytest
 
 from common.config import load_config
-from learner.bench_learning import arm_overrides, paired_gain
+from learner.bench_learning import arm_overrides, paired
 from memr2.cli import main
 
 
@@ -22,12 +22,12 @@ def test_plain_grpo_gets_the_local_groups_expected_samples_as_global_rollouts():
 def test_the_arms_are_compared_seed_by_seed_with_a_t_interval():
     logo = [{"val_f1_gain": g} for g in (0.10, 0.05, 0.12)]
     grpo = [{"val_f1_gain": g} for g in (0.04, 0.07, 0.02)]
-    paired = paired_gain(logo, grpo)  # differences 0.06, -0.02, 0.10: mean 0.0467, sd 0.0611
-    assert paired["mean"] == pytest.approx(0.14 / 3) and paired["seeds"] == 3
-    assert paired["se"] == pytest.approx(0.061101 / 3 ** 0.5, rel=1e-4)
-    half = 4.302653 * paired["se"]  # t(0.975, df=2)
-    assert paired["ci"] == pytest.approx([paired["mean"] - half, paired["mean"] + half], rel=1e-5)
-    assert paired_gain(logo[:1], grpo[:1])["ci"] is None
+    diff = paired(logo, grpo, "val_f1_gain")  # differences 0.06, -0.02, 0.10: mean 0.0467, sd 0.0611
+    assert diff["mean"] == pytest.approx(0.14 / 3) and diff["seeds"] == 3
+    assert diff["se"] == pytest.approx(0.061101 / 3 ** 0.5, rel=1e-4)
+    half = 4.302653 * diff["se"]  # t(0.975, df=2)
+    assert diff["ci"] == pytest.approx([diff["mean"] - half, diff["mean"] + half], rel=1e-5)
+    assert paired(logo[:1], grpo[:1], "val_f1_gain")["ci"] is None
 
 
 @pytest.mark.slow
@@ -51,6 +51,9 @@ def test_both_arms_run_and_report_mean_and_error_over_seeds(ray_local, tmp_path,
         assert arm["samples_per_step"] > 0
     gains = {arm: [r["val_f1_gain"] for r in result["arms"][arm]["runs"]] for arm in ("logo", "grpo")}
     assert result["logo_minus_grpo"]["mean"] == pytest.approx(sum(a - b for a, b in zip(gains["logo"], gains["grpo"])) / 2)
+    ends = {arm: [r["val_f1_end"] for r in result["arms"][arm]["runs"]] for arm in ("logo", "grpo")}
+    assert result["logo_minus_grpo_end"]["mean"] == pytest.approx(sum(a - b for a, b in zip(ends["logo"], ends["grpo"])) / 2)
+    assert result["arms"]["logo"]["val_f1_end_mean"] == pytest.approx(sum(ends["logo"]) / 2)
 
     # Started again on the same folder, a finished bench trains nothing and reports the same runs.
     logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "b").glob("*/metrics.jsonl")}
