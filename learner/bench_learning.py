@@ -73,6 +73,7 @@ def run_learning_bench(arms: list[str], seeds: int, overrides: list[str], consol
         # Every run starts from one warm start, so the final F1s compare the policies directly,
         # without each run's own step-0 validation (greedy, but bf16 batches differ run to run).
         result["logo_minus_grpo_end"] = paired(logo, grpo, "val_f1_end")
+        result["logo_minus_grpo_m_fail"] = paired(logo, grpo, "val_m_fail_end")  # lower keeps more evidence
     result["wall_s"] = time.perf_counter() - start  # this invocation's; each run's own is in its row
     result["out"] = str(root)
     (console or Console(stderr=True)).print(render(result))
@@ -150,7 +151,7 @@ def render(result: dict) -> Table:
         table.add_row(arm, fmt(stats, "val_f1_gain"), fmt(stats, "val_f1_end").lstrip("+"), fmt(stats, "val_m_fail_end").lstrip("+"),
                       f"{stats['samples_per_step']:.0f}")
     lines = []
-    for what, key in (("gain", "logo_minus_grpo"), ("end F1", "logo_minus_grpo_end")):
+    for what, key in (("gain", "logo_minus_grpo"), ("end F1", "logo_minus_grpo_end"), ("M-Fail (end)", "logo_minus_grpo_m_fail")):
         diff = result.get(key)
         if diff and diff["ci"]:
             lines.append(f"logo − grpo {what}, seed by seed: {diff['mean']:+.3f} (95% t-interval {diff['ci'][0]:+.3f} … {diff['ci'][1]:+.3f})")

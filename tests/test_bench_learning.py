@@ -54,6 +54,8 @@ def test_both_arms_run_and_report_mean_and_error_over_seeds(ray_local, tmp_path,
     ends = {arm: [r["val_f1_end"] for r in result["arms"][arm]["runs"]] for arm in ("logo", "grpo")}
     assert result["logo_minus_grpo_end"]["mean"] == pytest.approx(sum(a - b for a, b in zip(ends["logo"], ends["grpo"])) / 2)
     assert result["arms"]["logo"]["val_f1_end_mean"] == pytest.approx(sum(ends["logo"]) / 2)
+    fails = {arm: [r["val_m_fail_end"] for r in result["arms"][arm]["runs"]] for arm in ("logo", "grpo")}
+    assert result["logo_minus_grpo_m_fail"]["mean"] == pytest.approx(sum(a - b for a, b in zip(fails["logo"], fails["grpo"])) / 2)
 
     # Started again on the same folder, a finished bench trains nothing and reports the same runs.
     logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "b").glob("*/metrics.jsonl")}
