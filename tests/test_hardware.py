@@ -38,7 +38,7 @@ def test_the_default_lr_follows_the_learners_precision():
 
     # bf16 weights round most small updates away; fp32 takes them all (learner.lr's comment).
     assert LearnerConfig().resolved_lr(bf16=True) == 3e-5
-    assert LearnerConfig().resolved_lr(bf16=False) == 1e-5
+    assert LearnerConfig().resolved_lr(bf16=False) == 2e-5
     assert LearnerConfig(lr=2e-6).resolved_lr(bf16=False) == 2e-6  # set: kept whatever the precision
 
 
