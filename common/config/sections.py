@@ -171,7 +171,7 @@ class LearnerConfig(Section):
     # validation within 4-6 steps (README, Training) and 3e-5 raises it. In fp32 the same lr moves
     # the policy ~6x further in KL per step: bf16 weights round most updates of that size away (a
     # quarter of the trained weights changed over six steps, against all of them in fp32). Over
-    # five seeds each, fp32 gained +0.043 at 2e-5 against +0.024 at 1e-5 (the KL of bf16 at 3e-5),
+    # five seeds each, fp32 gained +0.043 at 2e-5 against +0.024 at 1e-5 (where fp32's KL is bf16's at 3e-5),
     # and +0.014 at 3e-5 on one (docs/experiments.md, The dtype for the CPU).
     lr: float | None = Field(None, gt=0)
     # RL keeps lr constant (the reference); a warm start from random init needs warm-up and decay.
