@@ -4,7 +4,7 @@ the task plan (stable ids, seeds independent of workers), and the config's fleet
 import pytest
 
 from actors.fleet.errors import one_line
-from actors.fleet.slots import Round
+from actors.fleet.slots import Round, Slot, Work, lane_capacity, max_tasks, pick_slot
 from actors.fleet.scaling import ScalingPolicy, autoscale_bounds
 from actors.fleet.tasks import plan_step, plan_validation
 from common.config import ConfigError, load_config
@@ -21,7 +21,7 @@ class Clock:
 
 def test_scaling_grows_at_once_and_shrinks_only_after_the_delay():
     clock = Clock()
-    policy = ScalingPolicy(lo=1, hi=4, initial=1, tasks_per_worker=2, delay_s=60, clock=clock)
+    policy = ScalingPolicy(lo=1, hi=4, initial=1, lanes_per_worker=2, delay_s=60, clock=clock)
     assert policy.target(0) == 1
     assert policy.target(5) == 3  # ceil(5 / 2), at once
     assert policy.target(40) == 4  # capped at max
@@ -37,8 +37,34 @@ def test_scaling_grows_at_once_and_shrinks_only_after_the_delay():
 
 def test_fixed_size_when_min_equals_max():
     clock = Clock()
-    policy = ScalingPolicy(lo=2, hi=2, initial=2, tasks_per_worker=1, delay_s=0, clock=clock)
+    policy = ScalingPolicy(lo=2, hi=2, initial=2, lanes_per_worker=1, delay_s=0, clock=clock)
     assert [policy.target(b) for b in (0, 1, 50, 0)] == [2, 2, 2, 2]
+
+
+def deal(cfg, tasks, workers=2):
+    """The fleet's dispatch on idle workers: how many tasks each takes before the rest must wait."""
+    slots = [Slot(f"w{i}", None, 0.0, None, None) for i in range(workers)]
+    queue = list(tasks)
+    while queue and (slot := pick_slot(slots, queue[0], lane_capacity(cfg), max_tasks(cfg))) is not None:
+        slot.running[object()] = Work(queue.pop(0), None)
+    return [len(s.running) for s in slots], [s.lanes for s in slots]
+
+
+def test_workers_hold_tasks_by_lanes_so_validation_fills_the_engines_like_a_step():
+    cfg = load_config(None, ["algo.local_prob=1"])
+    convs = split(load_dataset(cfg.data), cfg.data)["train"]
+    assert lane_capacity(cfg) == 32  # 4 global tasks of n = 8
+    # Global tasks: four a worker, as before lanes were counted.
+    assert deal(cfg, plan_step(cfg, convs, 2, step=0).global_tasks) == ([4, 4], [32, 32])
+    # One-lane validation rollouts: 20 conversations all in flight at once, not 8 in waves.
+    assert deal(cfg, plan_validation(convs[:1] * 20, 2, round_=0)) == ([10, 10], [10, 10])
+    # Local tasks (m = 2) pack fifteen onto one worker; a global task then waits for 8 lanes free
+    # (and what queues behind it waits too: tasks go in plan order).
+    plan = plan_step(cfg, convs, 2, step=0)
+    assert deal(cfg, [*plan.local_tasks[:15], plan.global_tasks[0], plan.local_tasks[15]], workers=1) == ([15], [30])
+    # rollout.deterministic: one task a worker, however few its lanes.
+    det = load_config(None, ["rollout.deterministic=true", "rollout.tasks_per_worker=1"])
+    assert deal(det, plan_validation(convs, 2, round_=0)) == ([1, 1], [1, 1])
 
 
 def test_each_result_enters_once_and_a_late_duplicate_is_refused():

@@ -140,7 +140,7 @@ def test_a_worker_that_joins_catches_up_and_the_next_sync_regroups_with_it(setup
     old = learner.transfer_group
     current = fingerprints(fleet)
 
-    fleet.policy = ScalingPolicy(lo=3, hi=3, initial=3, tasks_per_worker=1, delay_s=0)  # grow by one
+    fleet.policy = ScalingPolicy(lo=3, hi=3, initial=3, lanes_per_worker=1, delay_s=0)  # grow by one
     fleet.idle(0.1)
     fleet.await_target()
     joined = next(s for s in fleet.live() if s.worker_id not in old.members)

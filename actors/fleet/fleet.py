@@ -1,8 +1,9 @@
 """The rollout fleet: workers that join, leave and die mid-run without losing or duplicating a group.
 
-The driver deals a step's tasks (actors.fleet.tasks) to whichever workers are live, at most
-`rollout.tasks_per_worker` each; a local task is dealt once its anchor's snapshot is in the
-keeper. Every result enters the step's ledger exactly once, keyed by task id.
+The driver deals a step's tasks (actors.fleet.tasks) to whichever workers are live, each up to
+its lane capacity (`rollout.tasks_per_worker` global tasks' worth of lanes: 4 global tasks, or 32
+one-lane validation tasks); a local task is dealt once its anchor's snapshot is in the keeper.
+Every result enters the step's ledger exactly once, keyed by task id.
 
     a worker dies (actor killed, kill -9, node removed)  its tasks' refs raise: it is dropped,
                                                           its tasks are queued again at the front
@@ -38,7 +39,7 @@ from actors.fleet.errors import RolloutError, WorkerStartError, one_line
 from actors.fleet.metrics import fleet_series
 from actors.fleet.policy_store import PolicyStore, on_this_node
 from actors.fleet.scaling import CapacityRequest, ScalingPolicy
-from actors.fleet.slots import Faults, Round, Slot, Work, worker_resources
+from actors.fleet.slots import Faults, Round, Slot, Work, lane_capacity, max_tasks, pick_slot, worker_resources
 from actors.fleet.tasks import LocalTask, StepPlan, Task, plan_validation
 from actors.fleet.worker import RolloutWorker
 from common.config import Config
@@ -80,7 +81,7 @@ class RolloutFleet:
             "num_cpus": r.cpus_per_actor, "num_gpus": r.gpus_per_actor, "resources": dict(r.resources),
             "max_restarts": 0, "max_task_retries": 0,  # the fleet replaces and retries, keyed by task
             # A thread per task it holds, and a few for calls beside them (weights, status).
-            "max_concurrency": r.tasks_per_worker + 4,
+            "max_concurrency": max_tasks(self.cfg) + 4,
             "scheduling_strategy": "SPREAD" if c.worker_placement == "spread" else "DEFAULT",
         }
 
@@ -186,10 +187,10 @@ class RolloutFleet:
     # ------------------------------------------------------------------ the loop
 
     def _tick(self, rnd: Round) -> None:
-        running = sum(len(s.running) for s in self.slots.values())
-        self._rescale(len(rnd.queue) + len(rnd.gated) + running)
+        waiting = [w.task for w in rnd.queue] + list(rnd.gated.values())
+        self._rescale(sum(t.lanes for t in waiting) + sum(s.lanes for s in self.slots.values()))
         self._dispatch(rnd.queue)
-        self._publish_gauges(len(rnd.queue) + len(rnd.gated), running)
+        self._publish_gauges(len(rnd.queue) + len(rnd.gated), sum(len(s.running) for s in self.slots.values()))
         watched = [*rnd.gated, *self._orphans, *(r for s in self.slots.values() for r in s.running),
                    *(s.ready if s.placed is None else s.placed for s in self.slots.values() if s.ready is not None)]
         ready, _ = ray.wait(watched, num_returns=1, timeout=POLL_S) if watched else ([], [])
@@ -203,12 +204,12 @@ class RolloutFleet:
         self._check_starts(rnd)
 
     def _dispatch(self, queue: deque[Work]) -> None:
-        now = time.monotonic()
+        """In queue order, each task to the least-loaded live worker with lanes to spare for it."""
+        now, capacity, most = time.monotonic(), lane_capacity(self.cfg), max_tasks(self.cfg)
         while queue:
-            free = [s for s in self.live() if not s.draining and len(s.running) < self.cfg.rollout.tasks_per_worker]
-            if not free:
+            slot = pick_slot(self.live(), queue[0].task, capacity, most)
+            if slot is None:
                 return
-            slot = min(free, key=lambda s: len(s.running))
             work = queue.popleft()
             if not slot.running:
                 slot.progress_at = now

@@ -1,7 +1,8 @@
 """How many rollout workers the fleet wants, and telling the Ray autoscaler before the work arrives.
 
-The policy is Kubernetes HPA's, on the fleet's backlog: the desired size is
-`ceil(unfinished tasks / rollout.tasks_per_worker)` clamped to [min, max]; the fleet grows to it at
+The policy is Kubernetes HPA's, on the fleet's backlog in lanes: the desired size is
+`ceil(lanes of unfinished tasks / a worker's lane capacity)` (actors.fleet.slots.lane_capacity:
+`rollout.tasks_per_worker` global tasks' worth) clamped to [min, max]; the fleet grows to it at
 once and shrinks only to the largest desired size of the last `cluster.scale_down_delay_s`. So a
 step's burst of tasks brings workers immediately, the short lull of an update (no tasks) does not
 tear them down, and a run whose steps need fewer workers shrinks once that has held for the delay.
@@ -15,22 +16,23 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from actors.fleet.slots import lane_capacity
 from common.config import Config
 
 
 class ScalingPolicy:
-    def __init__(self, lo: int, hi: int, initial: int, tasks_per_worker: int, delay_s: float,
+    def __init__(self, lo: int, hi: int, initial: int, lanes_per_worker: int, delay_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.lo, self.hi, self.per_worker, self.delay_s, self.clock = lo, hi, tasks_per_worker, delay_s, clock
+        self.lo, self.hi, self.per_worker, self.delay_s, self.clock = lo, hi, lanes_per_worker, delay_s, clock
         self._wants: deque[tuple[float, int]] = deque([(clock(), initial)])
 
     @classmethod
     def from_config(cls, cfg: Config, clock: Callable[[], float] = time.monotonic) -> ScalingPolicy:
         lo, hi = autoscale_bounds(cfg)
-        return cls(lo, hi, cfg.rollout.num_actors, cfg.rollout.tasks_per_worker, cfg.cluster.scale_down_delay_s, clock)
+        return cls(lo, hi, cfg.rollout.num_actors, lane_capacity(cfg), cfg.cluster.scale_down_delay_s, clock)
 
     def target(self, backlog: int) -> int:
-        """The fleet's size now, for `backlog` tasks not yet finished (pending, gated or running)."""
+        """The fleet's size now, for `backlog` lanes of tasks not yet finished (pending, gated or running)."""
         now = self.clock()
         want = min(self.hi, max(self.lo, math.ceil(backlog / self.per_worker)))
         self._wants.append((now, want))

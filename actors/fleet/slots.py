@@ -19,6 +19,18 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor, **r.resources}
 
 
+def lane_capacity(cfg: Config) -> int:
+    """The lanes a worker keeps in flight: rollout.tasks_per_worker global tasks' worth, so a
+    validation round's one-lane tasks fill an engine as a step's global tasks do."""
+    return cfg.rollout.tasks_per_worker * cfg.rollout.n_global
+
+
+def max_tasks(cfg: Config) -> int:
+    """The most tasks a worker can hold at once (one per actor thread): one-lane tasks filling it,
+    or one in deterministic mode, where a second task would join the batch at a step set by timing."""
+    return 1 if cfg.rollout.deterministic else lane_capacity(cfg)
+
+
 class Work(NamedTuple):
     task: Task
     snapshot: ray.ObjectRef | None  # a local task's anchor snapshot, resolved by Ray on the worker
@@ -37,6 +49,17 @@ class Slot:
     progress_at: float = 0.0  # a dispatch onto it while idle, or its last result: the hang clock
     draining: bool = False
     bundle: int | None = None  # colocated: the placement-group bundle it shares with learner rank `bundle`
+
+    @property
+    def lanes(self) -> int:
+        return sum(w.task.lanes for w in self.running.values())
+
+
+def pick_slot(slots: list[Slot], task: Task, capacity: int, most: int) -> Slot | None:
+    """The least-loaded worker (in lanes) with lanes to spare for `task` and fewer than `most` tasks;
+    an idle worker takes any task, however many lanes. None: the task waits."""
+    free = [s for s in slots if not s.draining and len(s.running) < most and (not s.running or s.lanes + task.lanes <= capacity)]
+    return min(free, key=lambda s: s.lanes, default=None)
 
 
 @dataclass

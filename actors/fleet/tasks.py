@@ -4,6 +4,9 @@
     local task   step{s}/local/{conv}/s{t}/anchor{i0}    m branches of session t from M_{t-1}
     eval task    eval{r}/{conv}                          one rollout at the eval temperature
 
+A task's lanes (n, m, 1) are the sequences it keeps in flight on an engine: what a worker's
+capacity and the fleet's size are counted in (actors.fleet.slots.lane_capacity).
+
 Every sampling seed derives from the task (its id, or for validation the conversation), never
 from the worker, so a task re-run elsewhere after a failure sends the same requests. The anchors
 are drawn before any global rollout starts (the draw does not depend on their outcome): the global
@@ -37,6 +40,10 @@ class GlobalTask:
     n: int
     anchors: tuple[Anchor, ...]
 
+    @property
+    def lanes(self) -> int:
+        return self.n
+
 
 @dataclass(frozen=True, slots=True)
 class LocalTask:
@@ -50,12 +57,20 @@ class LocalTask:
     def snapshot_id(self) -> str:
         return self.task_id
 
+    @property
+    def lanes(self) -> int:
+        return self.m
+
 
 @dataclass(frozen=True, slots=True)
 class EvalTask:
     task_id: str
     conv: Conversation
     horizon: int
+
+    @property
+    def lanes(self) -> int:
+        return 1
 
     @property
     def seed_key(self) -> str:
