@@ -72,8 +72,10 @@ class RolloutConfig(Section):
     gpus_per_actor: float = Field(0.0, ge=0)
     # Custom Ray resources per worker, e.g. {rollout: 1} to keep workers on KubeRay's rollout group.
     resources: dict[str, float] = {}
-    # Tasks a worker holds at once, all in one continuous batch on its engine (and the scaling
-    # unit): 4 global tasks of n = 8 lanes are the 32 sequences in flight that fill a CPU engine.
+    # A worker's capacity, in global tasks' worth of lanes (actors.fleet.slots.lane_capacity): 4
+    # global tasks of n = 8 lanes are the 32 sequences in flight that fill a CPU engine, so it
+    # holds 4 global tasks, 16 local tasks of m = 2, or 32 one-lane validation rollouts, all in
+    # one continuous batch on its engine. The fleet's size is counted in the same lanes.
     tasks_per_worker: int = Field(4, ge=1)
     # Rollouts that repeat bit for bit whatever the timing (logprobs included): an engine step
     # waits for every lane's CPU work, and vLLM caches no prefixes (actors.engines.scheduler). For
