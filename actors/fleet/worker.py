@@ -1,7 +1,7 @@
 """The rollout worker: a Ray actor owning one engine and one answer agent, running any task.
 
-It holds up to `rollout.tasks_per_worker` tasks at once, each on its own actor thread; their
-lanes share one continuous batch on the engine (actors.engines.scheduler).
+It holds as many tasks as its lane capacity allows (actors.fleet.slots.lane_capacity), each on its
+own actor thread; their lanes share one continuous batch on the engine (actors.engines.scheduler).
 
 A worker holds no state a step depends on: the snapshots its global tasks take for local tasks go
 to the step's snapshot keeper as soon as they exist, and its results go back to the driver with
@@ -61,7 +61,7 @@ class RolloutWorker:
             **({"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization, "colocated": cfg.cluster.colocate,
                 "prefix_caching": not cfg.rollout.deterministic} if cfg.rollout.engine == "vllm" else {}),
         )
-        # Every task this worker holds (rollout.tasks_per_worker, each on its own actor thread)
+        # Every task this worker holds (up to its lane capacity, each on its own actor thread)
         # generates through one scheduler: one continuous batch on the engine.
         self.scheduler = Scheduler(self.engine, threads=max(1, int(cfg.rollout.cpus_per_actor)), lockstep=cfg.rollout.deterministic)
         runner = EpisodeRunner(self.engine, cfg, self.scheduler)
