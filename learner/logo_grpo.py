@@ -24,12 +24,16 @@ Two pieces:
 
        loss    = -sum_s w_s * obj_s
 
-   With algo.off_policy=decoupled (AReaL's decoupled PPO, for rows from an older policy), the
-   ratio is taken against the proximal policy (the learner's weights before this update, logprobs
-   recomputed without gradient), and the behaviour policy enters as a truncated importance weight:
+   logp_old is the behaviour policy's: the engine's logprobs of the tokens it sampled
+   (algo.off_policy=behaviour).  With algo.off_policy=proximal the ratio is taken against the
+   proximal policy instead: the learner's weights before this update, logprobs recomputed
+   without gradient (what verl and OpenRLHF do by default), so the update depends on the
+   learner's numerics only, not on the engine's (bf16 engines' logprobs depend on which requests
+   shared their batch).  With algo.off_policy=decoupled (AReaL's decoupled PPO, for rows from an
+   older policy), the behaviour policy also enters, as a truncated importance weight:
 
        log_rho = min(mean_t(logp_new - logp_prox), cap)
-       w_b     = min(exp(mean_t(logp_prox - logp_old)), tis_cap)          (no gradient)
+       w_b     = min(exp(mean_t(logp_prox - logp_old)), tis_cap)          (no gradient; decoupled)
        pg      = w_b * [the clipped, dual-clipped surrogate above]
 
    The cap is applied from above only.  Its purpose is to keep exp() finite; below, rho -> 0 is
@@ -145,7 +149,7 @@ def logo_grpo_loss(
     """The pooled LoGo-GRPO loss of a batch of steps ([B, L] token tensors, [B] per sample).
 
     `weights`: the pooled-mean weights (`pool_weights`); default: this batch is the whole pool.
-    `prox_logprobs`: the proximal policy's, for algo.off_policy=decoupled (module docstring).
+    `prox_logprobs`: the proximal policy's, for algo.off_policy=proximal or decoupled (module docstring).
     Metrics: pg_loss, kl, entropy are pooled like the loss (loss = pg_loss + beta*kl - eta*entropy);
     clip_frac (share of samples whose ratio gradient the clip or dual clip cuts), dual_clip_frac,
     cap_frac, ratio_mean and tis_weight_mean are plain means over samples; n_global and n_local
@@ -157,13 +161,13 @@ def logo_grpo_loss(
     weights = weights.to(new_logprobs)
     adv = advantages.to(new_logprobs)
 
-    anchor = old_logprobs if prox_logprobs is None else prox_logprobs  # decoupled: the proximal policy
+    anchor = old_logprobs if prox_logprobs is None else prox_logprobs  # proximal, decoupled: the learner's
     log_ratio = token_mean(new_logprobs - anchor, mask)
     capped = log_ratio > cfg.log_ratio_cap
     rho = torch.exp(log_ratio.clamp(max=cfg.log_ratio_cap))
     pg = clipped_objective(rho, adv, cfg.clip_eps, cfg.dual_clip)
     behaviour = torch.ones_like(pg)
-    if prox_logprobs is not None:
+    if prox_logprobs is not None and cfg.off_policy == "decoupled":
         behaviour = torch.exp(token_mean(prox_logprobs - old_logprobs, mask)).clamp(max=cfg.tis_cap).detach()
         pg = behaviour * pg
 

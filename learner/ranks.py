@@ -24,8 +24,8 @@ from learner import engine as eng
 from learner.batching import Rows, balanced_split, plan_epoch, split_by_tokens
 from learner.logo_grpo import logo_grpo_loss, mismatch, pool_weights
 from learner.sft import sft_loss
-from learner.logprobs import pack, packed_logprobs, response_logprobs
-from learner.shared_prefix import pack_shared, shared_logprobs
+from learner.logprobs import Packed, pack, packed_logprobs, response_logprobs
+from learner.shared_prefix import SharedPacked, pack_shared, shared_logprobs
 
 # Metrics pooled per mini-batch (summed over micro-batches and ranks) and per-sample means.
 POOLED = ("loss", "pg_loss", "kl", "entropy")
@@ -97,10 +97,11 @@ class LearnerRank:
         rows = Rows.from_table(shard)
         sums = dict.fromkeys(POOLED + PER_SAMPLE + TOKENS + MISMATCH + ("grad_norm",), 0.0)
         generator = torch.Generator().manual_seed(seed * 1009 + self.rank)
-        if objective == "logo_grpo" and self.algo.off_policy == "decoupled":
-            rows.prox_logprobs = self._proximal(rows)
-        for epoch in range(self.cfg.ppo_epochs):
-            for k, micro_idx in enumerate(plan_epoch(len(rows), n_mini, self.accum, generator)):
+        epochs = [plan_epoch(len(rows), n_mini, self.accum, generator) for _ in range(self.cfg.ppo_epochs)]
+        if objective == "logo_grpo" and self.algo.off_policy in ("proximal", "decoupled"):
+            rows.prox_logprobs = self._proximal(rows, epochs[0])
+        for epoch, plan in enumerate(epochs):
+            for k, micro_idx in enumerate(plan):
                 self._mini_batch(rows, micro_idx, sums, objective == "logo_grpo" and epoch == k == 0)  # before any update
         steps = self.cfg.ppo_epochs * n_mini
         keys = POOLED + PER_SAMPLE + TOKENS + MISMATCH
@@ -132,13 +133,10 @@ class LearnerRank:
         flat = [i for micro in micro_idx for i in micro]
         n_local = sum(rows.is_local[i] for i in flat)
         counts = self._all_reduce([float(len(flat) - n_local), float(n_local)])
-        budget = self.cfg.max_tokens_per_micro_batch
-        if budget is not None:  # as many passes on every rank: the longest split sets the count
-            micro_idx = split_by_tokens(rows, flat, budget, self.sharing)
+        micro_idx = self._passes(rows, micro_idx)
+        if self.cfg.max_tokens_per_micro_batch is not None:  # as many passes on every rank: the longest split sets the count
             passes = int(self._all_reduce([float(len(micro_idx))], op="max")[0])
             micro_idx += [[] for _ in range(passes - len(micro_idx))]
-        elif self.sharing:  # as many passes, cut where prompts change
-            micro_idx = balanced_split(rows, flat, len(micro_idx))
         for k, idx in enumerate(micro_idx):
             # The boundary is set by hand: under a token budget the number of passes varies.
             self.engine.set_gradient_accumulation_boundary(k == len(micro_idx) - 1)
@@ -150,30 +148,41 @@ class LearnerRank:
         norm = self.engine.get_global_grad_norm()
         sums["grad_norm"] += float(norm) if norm is not None else float("nan")
 
-    def _proximal(self, rows: Rows) -> list[list[float]]:
-        """The proximal policy's logprobs (these weights, before the update), micro-batch by
-        micro-batch without gradient: the anchor of the decoupled objective."""
-        out: list[list[float]] = []
+    def _passes(self, rows: Rows, micro_idx: list[list[int]]) -> list[list[int]]:
+        """The backward passes of one mini-batch: its planned micro-batches, or as many cut where
+        prompts change (learner.shared_prefix), or as many as the token budget needs."""
+        flat = [i for micro in micro_idx for i in micro]
+        if self.cfg.max_tokens_per_micro_batch is not None:
+            return split_by_tokens(rows, flat, self.cfg.max_tokens_per_micro_batch, self.sharing)
+        return balanced_split(rows, flat, len(micro_idx)) if self.sharing else micro_idx
+
+    def _proximal(self, rows: Rows, plan: list[list[list[int]]]) -> list[list[float]]:
+        """The proximal policy's logprobs (these weights, before the update), without gradient,
+        in the first epoch's own passes: the anchor of algo.off_policy=proximal and decoupled.
+        The same passes make the first mini-batch's ratio exactly 1, in any numerics."""
+        out: list[list[float]] = [[] for _ in range(len(rows))]
         with torch.no_grad():
-            for start in range(0, len(rows), self.cfg.micro_batch):
-                part = rows.select(list(range(start, min(start + self.cfg.micro_batch, len(rows)))))
-                lp, _, _ = response_logprobs(self.engine, part.prompts, part.responses)
-                out += [lp[b, : len(r)].float().tolist() for b, r in enumerate(part.responses)]
+            for micro_idx in plan:
+                for idx in filter(None, self._passes(rows, micro_idx)):
+                    lp, _, _ = self._forward(rows.select(idx), with_entropy=False)
+                    for b, i in enumerate(idx):
+                        out[i] = lp[b, : len(rows.responses[i])].float().tolist()
         return out
 
-    def _micro_batch(self, rows: Rows, counts: tuple[int, int], sums: dict[str, float], before_update: bool) -> None:
+    def _forward(self, rows: Rows, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None, Packed | SharedPacked]:
+        """Response logprobs [B, R] (and entropy) under these weights, prompts shared or not."""
         if self.sharing:
             packed = pack_shared(rows.prompts, rows.responses).to(self.engine.device)
-            score, mask = shared_logprobs, packed.response_mask
-            sums["computed_tokens"] += packed.computed_tokens
-            sums["unshared_tokens"] += packed.unshared_tokens
-        else:
-            packed = pack(rows.prompts, rows.responses).to(self.engine.device)
-            score, mask = packed_logprobs, packed.response_mask
-            tokens = sum(len(p) + len(r) for p, r in zip(rows.prompts, rows.responses))
-            sums["computed_tokens"] += tokens
-            sums["unshared_tokens"] += tokens
-        new, entropy = score(self.engine, packed, with_entropy=True)
+            return (*shared_logprobs(self.engine, packed, with_entropy), packed)
+        packed = pack(rows.prompts, rows.responses).to(self.engine.device)
+        return (*packed_logprobs(self.engine, packed, with_entropy), packed)
+
+    def _micro_batch(self, rows: Rows, counts: tuple[int, int], sums: dict[str, float], before_update: bool) -> None:
+        new, entropy, packed = self._forward(rows, with_entropy=True)
+        score, mask = (shared_logprobs if self.sharing else packed_logprobs), packed.response_mask
+        tokens = sum(len(p) + len(r) for p, r in zip(rows.prompts, rows.responses))
+        sums["computed_tokens"] += packed.computed_tokens if self.sharing else tokens
+        sums["unshared_tokens"] += tokens
         if self.algo.entropy_eta == 0:
             entropy = entropy.detach()  # still logged; no bonus, so no backward through it
         ref = None

@@ -6,6 +6,7 @@ actor holds a CPU of the 2-CPU test cluster; they still run one torch thread eac
 
 import math
 
+import pyarrow as pa
 import pytest
 import ray
 import torch
@@ -170,6 +171,28 @@ def test_advantage_sign_moves_the_policy(learner):
             assert delta > 0
         elif sign < 0:
             assert delta < 0
+
+
+def test_a_proximal_anchor_takes_the_engines_numerics_out_of_the_update(ray_local, model_dir):
+    """algo.off_policy=proximal anchors the ratio on the learner's own logprobs before the update:
+    rows whose behaviour logprobs differ row by row (a bf16 engine that batched them otherwise)
+    give the same weights to the bit, and the one mini-batch's ratio is 1. Anchored on those
+    behaviour logprobs instead, the same rows move the weights elsewhere."""
+    after = {}
+    for anchor, shift in (("proximal", 0.0), ("proximal", 0.1), ("behaviour", 0.1)):
+        with Learner(model_dir, AlgoConfig(off_policy=anchor), config(mini_batch=8, ppo_epochs=1), seed=1) as lrn:
+            tables, _ = make_groups(lrn)
+            if shift:
+                column = lambda t: pa.array([[v + shift * (-1) ** i for v in lp] for i, lp in enumerate(t["logprobs"].to_pylist())],  # noqa: E731
+                                            t.schema.field("logprobs").type)
+                tables = [t.set_column(t.schema.get_field_index("logprobs"), "logprobs", column(t)) for t in tables]
+            metrics = lrn.train(tables)
+            after[anchor, shift] = summed_logprobs(lrn, tables)
+        if anchor == "proximal":
+            assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and metrics["clip_frac"] == 0
+            assert metrics["logp_mismatch"] == pytest.approx(shift, abs=1e-5)  # still measured against the engine's
+    assert torch.equal(after["proximal", 0.0], after["proximal", 0.1])
+    assert not torch.allclose(after["behaviour", 0.1], after["proximal", 0.1], atol=1e-4)
 
 
 def test_state_dict_and_save_pretrained_round_trip(learner, tmp_path):

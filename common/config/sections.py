@@ -148,13 +148,15 @@ class AlgoConfig(Section):
     kl_beta: float = Field(0.001, ge=0)
     entropy_eta: float = Field(0.001, ge=0)
     adv_eps: float = Field(1e-6, gt=0)
-    # Rows from an older policy (train.max_staleness=1): "behaviour" takes PPO's ratio against the
-    # engine's logprobs; "decoupled" (AReaL) against a proximal policy, the learner's weights
-    # before the update (recomputed), times the behaviour importance weight pi_prox / pi_behav,
-    # truncated at tis_cap (learner.logo_grpo). Measured with `memr2 bench async`: the same
-    # validation F1 either way; decoupled's extra forward costs the overlap most of its gain where
-    # the learner is the bottleneck (CPU), so behaviour stays the default.
-    off_policy: Literal["behaviour", "decoupled"] = "behaviour"
+    # The ratio's anchor (learner.logo_grpo): "behaviour", the engine's logprobs of the tokens it
+    # sampled; "proximal", the learner's own before the update (recomputed: one forward more per
+    # row), so bf16 engines' batch-dependent numerics stay out of the update; "decoupled"
+    # (AReaL, for rows from an older policy) proximal times pi_prox / pi_behav truncated at
+    # tis_cap. "auto" (learner.engine.resolve_off_policy): proximal where the engines or the
+    # learner compute in bf16 and the loop is synchronous; behaviour where both are fp32 (they
+    # agree to ~1e-6) or rollouts overlap updates (the extra forward cost overlap most of its
+    # gain here: `memr2 bench async`).
+    off_policy: Literal["auto", "behaviour", "proximal", "decoupled"] = "auto"
     tis_cap: float = Field(2.0, gt=0)
 
 
