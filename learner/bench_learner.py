@@ -26,7 +26,6 @@ from actors.fleet.tasks import plan_step
 from common.config import Config, load_config
 from learner.batching import Rows, plan_epoch
 from learner.deepspeed_learner import Learner
-from learner.engine import resolve_off_policy
 from learner.logo_grpo import logo_grpo_loss, pool_weights
 from learner.logprobs import pack, packed_logprobs
 from learner.shared_prefix import pack_shared, shared_logprobs
@@ -54,7 +53,7 @@ def run_learner_bench(overrides: list[str] | None = None, repeats: int = 2, rows
         for arm in ("unshared", "shared"):
             learner_cfg = cfg.learner.model_copy(update={"shared_prefix": "on" if arm == "shared" else "off",
                                                          "gradient_checkpointing": "off"})
-            with Learner(str(model), resolve_off_policy(cfg), learner_cfg, cfg.seed) as learner:
+            with Learner(str(model), cfg.algo, learner_cfg, cfg.seed) as learner:
                 if arm == "unshared" and not given:
                     rows = _one_step_rows(cfg, learner, data)
                     if rows_file is not None:

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from common.config import AlgoConfig, Config, LearnerConfig
-from common.hardware import cpu_has_native_bf16, resolve_engine_dtype
+from common.config import LearnerConfig
+from common.hardware import cpu_has_native_bf16
 
 # Files of a HF model folder that are the tokenizer's, copied beside saved weights.
 TOKENIZER_FILES = (
@@ -69,24 +69,6 @@ def resolve_bf16(setting: str) -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return cpu_has_native_bf16()
-
-
-def resolve_off_policy(cfg: Config) -> AlgoConfig:
-    """algo.off_policy=auto, resolved where the learner starts (as learner.gpus_per_rank is).
-
-    proximal where the engines or the learner compute in bf16: their logprobs of the same tokens
-    then differ by ~1e-2 per token (`logp_mismatch`), and a bf16 engine's depend on which
-    requests shared its batch, so with the engine's as the ratio's anchor two runs of one config
-    part at the first update. behaviour where both are fp32 (~1e-6 apart: the recompute would buy
-    nothing), and where rollouts overlap updates (train.max_staleness > 0: the extra forward cost
-    overlap most of its gain with the learner as the bottleneck). A model.dtype of `auto` that
-    keeps the checkpoint's dtype counts as bf16."""
-    algo = cfg.algo
-    if algo.off_policy != "auto":
-        return algo
-    fp32 = not resolve_bf16(cfg.learner.bf16) and resolve_engine_dtype(cfg.model.dtype, torch.cuda.is_available()) == "float32"
-    choice = "behaviour" if fp32 or cfg.train.max_staleness > 0 else "proximal"
-    return algo.model_copy(update={"off_policy": choice})
 
 
 def resolve_on_off(setting: str, auto: bool) -> bool:

@@ -27,7 +27,6 @@ from common.scoring import bootstrap_ci
 from common.types import Conversation
 from learner.credit import step_metrics as credit_metrics
 from learner.deepspeed_learner import Learner, rank_resources
-from learner.engine import resolve_off_policy
 from learner.plan import check_fits, resolve_offload_states
 from learner.run_outputs import Resume, RunDir, TrainState
 from learner.warmstart import warm_model
@@ -117,7 +116,7 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     stages = cfg.curriculum.stages
     val_horizon = stages[-1].horizon  # every validation on the final task, so all are comparable
     colocation = colocate(cfg)
-    learner = Learner(str(model), resolve_off_policy(cfg), cfg.learner, cfg.seed, colocation)
+    learner = Learner(str(model), cfg.algo, cfg.learner, cfg.seed, colocation)
     learner.offload = resolve_offload_states(cfg, gpu_memory_gb) == "on"  # what `memr2 plan` resolves
     learner.offload_states()  # colocated: the engines start awake beside it
     fleet = RolloutFleet(cfg, run=out.name, other_bundles=job_asks(cfg).get("learner rank", []), colocation=colocation)
@@ -164,7 +163,6 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
         "best": str(out.path / state.best) if state.best else None,  # its weights, a model folder
         **_gain(state.validations),
         "warmstart": warm,
-        "off_policy": learner.algo.off_policy,  # algo.off_policy as resolved (auto: learner.engine)
         "wall_s": time.perf_counter() - start,
     }
     out.write_summary(summary)

@@ -36,7 +36,7 @@ def test_yaml_then_dotted_overrides(tmp_path):
         ("train.max_staleness=2", "config train.max_staleness: Input should be less than or equal to 1, got 2"),
         ("learner.shared_prefix=maybe", "config learner.shared_prefix: Input should be 'auto', 'on' or 'off'"),
         ("cluster.colocate=true train.max_staleness=1 rollout.num_actors=1", "cluster.colocate needs train.max_staleness=0"),
-        ("algo.off_policy=anchor", "config algo.off_policy: Input should be 'auto', 'behaviour', 'proximal' or 'decoupled'"),
+        ("algo.off_policy=anchor", "config algo.off_policy: Input should be 'behaviour', 'proximal' or 'decoupled'"),
         ("rollout.deterministic=true", "config rollout: rollout.deterministic needs rollout.tasks_per_worker=1 (got 4)"),
     ],
 )

@@ -52,17 +52,3 @@ def test_an_engine_built_with_auto_computes_in_the_native_dtype(monkeypatch):
         monkeypatch.setattr(hw, "cpu_flags", lambda c=None, info=cpuinfo: set(info.split("flags\t\t: ")[1].split()))
         built = make_engine(model, engine="transformers", dtype="auto")
         assert built.model.dtype == want
-
-
-def test_off_policy_auto_anchors_the_ratio_on_the_learner_where_numerics_differ():
-    from common.config import load_config
-
-    def resolved(*overrides):
-        return engine.resolve_off_policy(load_config(None, list(overrides))).off_policy
-
-    fp32 = ("learner.bf16=off", "model.dtype=float32")
-    assert resolved(*fp32) == "behaviour"  # engine and learner agree to ~1e-6: no recompute
-    assert resolved("learner.bf16=on", "model.dtype=float32") == "proximal"
-    assert resolved("learner.bf16=off", "model.dtype=bfloat16") == "proximal"
-    assert resolved("learner.bf16=on", "model.dtype=bfloat16", "train.max_staleness=1") == "behaviour"  # overlap keeps its gain
-    assert resolved(*fp32, "algo.off_policy=decoupled") == "decoupled"  # asked for: kept

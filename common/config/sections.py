@@ -149,14 +149,13 @@ class AlgoConfig(Section):
     entropy_eta: float = Field(0.001, ge=0)
     adv_eps: float = Field(1e-6, gt=0)
     # The ratio's anchor (learner.logo_grpo): "behaviour", the engine's logprobs of the tokens it
-    # sampled; "proximal", the learner's own before the update (recomputed: one forward more per
-    # row), so bf16 engines' batch-dependent numerics stay out of the update; "decoupled"
-    # (AReaL, for rows from an older policy) proximal times pi_prox / pi_behav truncated at
-    # tis_cap. "auto" (learner.engine.resolve_off_policy): proximal where the engines or the
-    # learner compute in bf16 and the loop is synchronous; behaviour where both are fp32 (they
-    # agree to ~1e-6) or rollouts overlap updates (the extra forward cost overlap most of its
-    # gain here: `memr2 bench async`).
-    off_policy: Literal["auto", "behaviour", "proximal", "decoupled"] = "auto"
+    # sampled; "proximal", the learner's own before the update (recomputed: one no-grad forward
+    # more per row), so the engine's numerics stay out of the
+    # update; "decoupled" (AReaL, for rows from an older policy, train.max_staleness=1) proximal
+    # times pi_prox / pi_behav truncated at tis_cap. Measured (`make train`, `memr2 bench async`):
+    # neither learned more here than behaviour, and bf16 runs still part at step 2 with proximal
+    # (the engine's sampling depends on its batches too), so behaviour stays the default.
+    off_policy: Literal["behaviour", "proximal", "decoupled"] = "behaviour"
     tis_cap: float = Field(2.0, gt=0)
 
 
