@@ -150,9 +150,9 @@ class AlgoConfig(Section):
     adv_eps: float = Field(1e-6, gt=0)
     # The ratio's anchor (learner.logo_grpo): "behaviour", the engine's logprobs of the tokens it
     # sampled; "proximal", the learner's own before the update (recomputed: one no-grad forward
-    # more per row), so the engine's numerics stay out of the
-    # update; "decoupled" (AReaL, for rows from an older policy, train.max_staleness=1) proximal
-    # times pi_prox / pi_behav truncated at tis_cap. Measured (`make train`, `memr2 bench async`):
+    # more per row), so the engine's numerics stay out of the update; "decoupled" (AReaL, for
+    # rows from an older policy, train.max_staleness=1) proximal times pi_prox / pi_behav
+    # truncated at tis_cap. Measured (`make train`, `memr2 bench async`):
     # neither learned more here than behaviour, and bf16 runs still part at step 2 with proximal
     # (the engine's sampling depends on its batches too), so behaviour stays the default.
     off_policy: Literal["behaviour", "proximal", "decoupled"] = "behaviour"
