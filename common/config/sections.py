@@ -51,8 +51,9 @@ class ModelConfig(Section):
     # The embedded default is SmolLM2-135M: the random tiny model (tests, smoke runs) cannot
     # learn to copy values out of a dialogue within a laptop's minutes (README, Training).
     name: str = "smollm2"
-    # The rollout engines' dtype. auto: the checkpoint's on a GPU and on a CPU with native bf16
-    # (avx512_bf16, AMX), float32 on a CPU that would emulate bf16 (4.3x slower: common.hardware).
+    # The rollout engines' dtype. auto: the checkpoint's on a GPU and on a CPU that computes bf16
+    # fast (AMX; AMD's avx512_bf16), float32 on other CPUs, where bf16 is emulated (4.3x slower)
+    # or no faster (common.hardware).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     prompt_size: Literal["minimal", "compact", "full"] = "minimal"  # see actors.agent.prompts
     max_prompt_tokens: int = Field(2048, ge=64)
