@@ -57,13 +57,19 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
     return Packed(ids, attn, position_ids, response_mask, P)
 
 
+def model_input(input_ids: torch.Tensor, trunk: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The tokens, or, for a reference without its trunk (learner.engine.TrunkTap), the policy's
+    hidden states where the trunk ends: they stand where the token embeddings would."""
+    return {"input_ids": input_ids} if trunk is None else {"inputs_embeds": trunk}
+
+
 def packed_logprobs(
-    model: torch.nn.Module, packed: Packed, with_entropy: bool = False
+    model: torch.nn.Module, packed: Packed, with_entropy: bool = False, trunk: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[B, R] logprob of each response token (0 on padding), and its entropy if asked; keeps grad."""
     R = packed.response_mask.shape[1]
     out = model(
-        input_ids=packed.input_ids,
+        **model_input(packed.input_ids, trunk),
         attention_mask=packed.attention_mask,
         position_ids=packed.position_ids,
         logits_to_keep=R + 1,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import pyarrow as pa
@@ -79,9 +80,11 @@ class LearnerRank:
         self.accum = eng.grad_accumulation(self.cfg, self.world)
         self.shared_prefix = eng.resolve_shared_prefix(self.cfg)
         self.engine = eng.build_engine(model_dir, self.cfg, self.world, self.bf16)
-        self.ref = None
+        self.ref = self.trunk = None
         if self.algo.kl_beta > 0:
             self.ref = eng.build_reference(model_dir, self.cfg, self.world, self.engine.device, self.bf16)
+            if self.cfg.frozen_layers > 0:  # the reference reads the policy's frozen trunk
+                self.trunk = eng.TrunkTap(self.engine.module, self.cfg.frozen_layers)
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ training
@@ -178,7 +181,8 @@ class LearnerRank:
         return (*packed_logprobs(self.engine, packed, with_entropy), packed)
 
     def _micro_batch(self, rows: Rows, counts: tuple[int, int], sums: dict[str, float], before_update: bool) -> None:
-        new, entropy, packed = self._forward(rows, with_entropy=True)
+        with self._tapped():
+            new, entropy, packed = self._forward(rows, with_entropy=True)
         score, mask = (shared_logprobs if self.sharing else packed_logprobs), packed.response_mask
         tokens = sum(len(p) + len(r) for p, r in zip(rows.prompts, rows.responses))
         sums["computed_tokens"] += packed.computed_tokens if self.sharing else tokens
@@ -188,7 +192,7 @@ class LearnerRank:
         ref = None
         if self.ref is not None:
             with torch.no_grad():
-                ref, _ = score(self.ref, packed)
+                ref, _ = score(self.ref, packed, trunk=self._trunk())
         device = new.device
         old = rows.old_logprobs_tensor(mask.shape[1]).to(device)
         if before_update:
@@ -212,11 +216,19 @@ class LearnerRank:
     def _dummy_backward(self) -> None:
         """Zero gradient through the whole model, so an empty micro-batch still joins the reduction."""
         packed = pack([[0]], [[0]]).to(self.engine.device)
-        logprobs, _ = packed_logprobs(self.engine, packed)
+        with self._tapped():
+            logprobs, _ = packed_logprobs(self.engine, packed)
         if self.ref is not None and hasattr(self.ref, "zero_optimization_stage"):
             with torch.no_grad():  # a sharded reference gathers in its forward: every rank joins
-                packed_logprobs(self.ref, packed)
+                packed_logprobs(self.ref, packed, trunk=self._trunk())
         self.engine.backward(logprobs.sum() * 0.0, scale_wrt_gas=False)
+
+    def _tapped(self) -> AbstractContextManager:
+        """A policy forward whose trunk output the reference reads next (engine.drop_trunk)."""
+        return nullcontext() if self.trunk is None else self.trunk.kept()
+
+    def _trunk(self) -> torch.Tensor | None:
+        return None if self.trunk is None else self.trunk.take()
 
     def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         import deepspeed.comm as dist

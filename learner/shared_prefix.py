@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from learner.logprobs import score_targets
+from learner.logprobs import model_input, score_targets
 
 # A shared prefix shorter than this is not worth splitting the prompts for.
 MIN_SHARED = 16
@@ -134,11 +134,11 @@ def pack_shared(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[i
 
 
 def shared_logprobs(
-    model: torch.nn.Module, packed: SharedPacked, with_entropy: bool = False
+    model: torch.nn.Module, packed: SharedPacked, with_entropy: bool = False, trunk: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[B, R] logprob of each response token (0 on padding), and its entropy if asked; keeps grad."""
     out = model(
-        input_ids=packed.input_ids,
+        **model_input(packed.input_ids, trunk),
         attention_mask=packed.attention_mask,
         position_ids=packed.position_ids,
         logits_to_keep=packed.predict_at,

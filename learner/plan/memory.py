@@ -99,13 +99,15 @@ def model_states(shape: ModelShape, stage: int, ranks: int, frozen_layers: int, 
     return parts
 
 
-def reference_bytes(shape: ModelShape, placement: str, ranks: int, bf16: bool) -> float:
-    """The frozen reference policy on one rank (learner.engine.build_reference)."""
+def reference_bytes(shape: ModelShape, placement: str, ranks: int, bf16: bool, frozen_layers: int = 0) -> float:
+    """The frozen reference policy on one rank (learner.engine.build_reference), without the
+    layers of the policy's frozen trunk (learner.engine.drop_trunk)."""
     b = 2 if bf16 else 4
+    params = shape.params - max(0, frozen_layers) * shape.layer_params
     if placement == "replicated" or ranks == 1:
-        return b * shape.params
+        return b * params
     gathered = b * shape.largest_module_params  # ZeRO-3 gathers one module at a time
-    return gathered if placement == "offload" else gathered + b * shape.params / ranks
+    return gathered if placement == "offload" else gathered + b * params / ranks
 
 
 def activation_bytes(shape: ModelShape, micro: MicroBatch, checkpointing: bool, bf16: bool, frozen_layers: int = 0) -> float:
@@ -142,7 +144,7 @@ def largest_activations(shape: ModelShape, micros: list[MicroBatch], checkpointi
 def learner_components(cfg: Config, shape: ModelShape, micro: MicroBatch, bf16: bool, checkpointing: bool) -> dict[str, float]:
     lc = cfg.learner
     parts = model_states(shape, lc.zero_stage, lc.num_ranks, lc.frozen_layers, bf16)
-    parts["reference"] = reference_bytes(shape, lc.reference, lc.num_ranks, bf16) if cfg.algo.kl_beta > 0 else 0.0
+    parts["reference"] = reference_bytes(shape, lc.reference, lc.num_ranks, bf16, lc.frozen_layers) if cfg.algo.kl_beta > 0 else 0.0
     parts["activations"] = activation_bytes(shape, micro, checkpointing, bf16, lc.frozen_layers)
     return parts
 
