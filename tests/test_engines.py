@@ -239,12 +239,15 @@ def smollm2():
 
 
 def test_smollm2_answers_in_both_engines(ray_local, smollm2):
+    # fp32: greedy bf16 decoding depends on the CPU's kernels. On an Intel Xeon with avx512_bf16
+    # and no AMX, transformers' bf16 answered "La femme de France, le Grand Croix, ..." where fp32
+    # (and bf16 on an AMD EPYC) answers "The capital of France is Paris." (common.hardware).
     greedy = SamplingSpec(temperature=0.0, max_new_tokens=24)
-    hf = HFEngine(smollm2, max_model_len=2048)
+    hf = HFEngine(smollm2, max_model_len=2048, dtype="float32")
     prompt = hf.chat_prompt("You are a helpful assistant.", "What is the capital of France?")
     (hf_gen,) = hf.generate([prompt], greedy)
     assert "Paris" in hf_gen.text and hf_gen.finish_reason == "stop"
-    actor = _engine_actor(ray_local, smollm2, "bfloat16")
+    actor = _engine_actor(ray_local, smollm2, "float32")
     try:
         (gen,), _ = ray_local.get(actor.generate.remote([prompt], greedy))
         assert "Paris" in gen.text and gen.finish_reason == "stop"
