@@ -276,8 +276,8 @@ def test_going_back_to_a_checkpoint_publishes_a_new_version(learner, tmp_path):
     assert all(torch.equal(learner.state_dict()[k], v) for k, v in best.items())
 
 
-@pytest.mark.parametrize("budget", [None, 32])
-def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir, budget):
+@pytest.mark.parametrize("budget,frozen", [(None, 0), (32, 1)])
+def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir, budget, frozen):
     """One mini-batch split over 2 ZeRO-2 ranks gives the same update as one ZeRO-3 rank.
 
     The ranks' shards mix global and local rows in different proportions, so with a local weight
@@ -286,10 +286,12 @@ def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir, budget):
     activations (gradient checkpointing) and share a ZeRO-3-sharded reference; with a budget of
     32 tokens their rows are cut by tokens instead of by count (15-19 tokens a row: two short
     rows share a pass, a longer one goes alone, so the ranks cut their shards into different
-    numbers of passes and the shorter pads with dummies), and the one rank keeps everything."""
+    numbers of passes and the shorter pads with dummies), and the one rank keeps everything. With
+    a frozen layer the references, sharded and whole, read the policy's trunk (engine.drop_trunk),
+    dummy passes included."""
     algo = AlgoConfig(local_weight=0.3)
     cfg2 = config(num_ranks=2, zero_stage=2, mini_batch=12, micro_batch=1, ppo_epochs=1, reference="sharded",
-                  max_tokens_per_micro_batch=budget)
+                  max_tokens_per_micro_batch=budget, frozen_layers=frozen)
     with Learner(model_dir, algo, cfg2) as two:
         placed = ray.util.placement_group_table(two.group)  # one group, packed onto one node
         assert placed["strategy"] == "PACK" and len(set(placed["bundles_to_node_id"].values())) == 1
@@ -300,7 +302,8 @@ def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir, budget):
     assert_finite(m2)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
-    cfg1 = config(num_ranks=1, zero_stage=3, mini_batch=8, micro_batch=4, ppo_epochs=1, gradient_checkpointing="off")
+    cfg1 = config(num_ranks=1, zero_stage=3, mini_batch=8, micro_batch=4, ppo_epochs=1, gradient_checkpointing="off",
+                  frozen_layers=frozen)
     with Learner(model_dir, algo, cfg1) as one:
         m1 = one.train(tables)
         one_state = one.state_dict()
