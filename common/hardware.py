@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 def _cpuinfo(cpuinfo: str | None) -> str:
     """/proc/cpuinfo's text unless given; empty where there is none (not Linux): nothing is then
     taken to be fast."""
