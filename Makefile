@@ -22,8 +22,10 @@ $(BIN)/memr2: pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Two pytest workers (pytest-xdist): the fast tests are CPU-bound imports and subprocesses, 73 s
+# instead of 113 s on 2 cores. The whole suite stays serial: its Ray clusters and engines need the cores.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 train: setup
 	$(BIN)/memr2 train
