@@ -7,12 +7,14 @@ fixed by the driver, not by each rank's row count:
 - rows are dealt round-robin over ranks after the group tables are concatenated in order, so
   each group's steps spread evenly and shard sizes differ by at most one row;
 - every rank cuts each epoch into the same number K of mini-batches, K = ceil(rows / mini_batch)
-  over the whole batch, and every mini-batch into exactly `accum` micro-batches. With
+  over the whole batch, and every mini-batch into exactly `accum` micro-batches. Rows are drawn
+  alone; learner.mini_batch_by=prompt draws rows with one prompt (the n lanes' extractor calls
+  on a chunk, a local group's branches) together, as verl draws a prompt's n responses: more
+  prompts shared per pass, but another update (the embedded default's F1 gain vanished). With
   learner.shared_prefix the mini-batch's rows are then put in session and prompt order and cut
   where prompts change (`balanced_split`), so rows with one prompt share a pass: which rows an
   optimizer step sees is unchanged, and so is its gradient (each micro-batch's loss is its share
-  of the mini-batch's pooled loss, ranks.py). Shuffling sessions instead of rows would share
-  more, but it changed what each step learns: the embedded default's validation F1 fell;
+  of the mini-batch's pooled loss, ranks.py);
 - a micro-batch that comes out empty (fewer rows than slots) runs a zero-weight dummy forward and
   backward so the rank still joins the gradient reduction.
 """
@@ -61,6 +63,13 @@ class Rows:
         prox = None if self.prox_logprobs is None else [self.prox_logprobs[i] for i in idx]
         return Rows(*([col[i] for i in idx] for col in cols), prox)
 
+    def by_prompt(self) -> list[list[int]]:
+        """Rows with identical prompts, in order of first appearance; each row once."""
+        units: dict[tuple[int, ...], list[int]] = {}
+        for i, prompt in enumerate(self.prompts):
+            units.setdefault(tuple(prompt), []).append(i)
+        return list(units.values())
+
     def old_logprobs_tensor(self, width: int, proximal: bool = False) -> torch.Tensor:
         """Behaviour (or proximal) logprobs right-padded to the packed response width."""
         out = torch.zeros(len(self), width, dtype=torch.float32)
@@ -78,9 +87,17 @@ def mini_batches_per_epoch(total_rows: int, mini_batch: int) -> int:
     return max(1, math.ceil(total_rows / mini_batch))
 
 
-def plan_epoch(n_rows: int, n_mini: int, accum: int, generator: torch.Generator) -> list[list[list[int]]]:
-    """A shuffled epoch: n_mini mini-batches, each of exactly `accum` micro-batches (some may be empty)."""
-    order = torch.randperm(n_rows, generator=generator).tolist()
+def plan_epoch(
+    n_rows: int, n_mini: int, accum: int, generator: torch.Generator, together: list[list[int]] | None = None
+) -> list[list[list[int]]]:
+    """A shuffled epoch: n_mini mini-batches, each of exactly `accum` micro-batches (some may be empty).
+    `together`: units of rows shuffled as one (Rows.by_prompt), then laid out in that order and
+    cut into mini-batches whose sizes still differ by at most one, so a unit is split only where a
+    cut falls inside it. None: every row its own unit (the same order as singletons give)."""
+    units = together if together is not None else [[i] for i in range(n_rows)]
+    if sorted(i for unit in units for i in unit) != list(range(n_rows)):
+        raise ValueError(f"plan_epoch: the units must hold each of the {n_rows} rows once")
+    order = [i for k in torch.randperm(len(units), generator=generator).tolist() for i in units[k]]
     return [_split(mini, accum) for mini in _split(order, n_mini)]
 
 

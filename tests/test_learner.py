@@ -141,6 +141,31 @@ def test_every_rank_plans_the_same_number_of_steps_and_backwards():
         assert sorted(i for mini in plan for micro in mini for i in micro) == list(range(n))
 
 
+def test_rows_with_one_prompt_are_drawn_into_mini_batches_together():
+    """learner.mini_batch_by=prompt: three chunk prompts' 8 lanes each and 9 manager rows with
+    their own prompts; every unit's rows lie side by side in the epoch, so a unit meets at most
+    two mini-batches (one cut inside it), sizes stay equal, and each row is drawn once. Singletons
+    draw exactly the row-by-row order."""
+    prompts = [[1, c] for c in range(3) for _ in range(8)] + [[2, 100 + i] for i in range(9)]
+    rows = Rows(prompts, [[5]] * 33, [[0.0]] * 33, [0.0] * 33, [False] * 33, [("c", 1)] * 33)
+    units = rows.by_prompt()
+    assert sorted(len(u) for u in units) == [1] * 9 + [8] * 3
+    for seed in range(5):
+        plan = plan_epoch(33, 3, 2, torch.Generator().manual_seed(seed), units)
+        minis = [[i for micro in mini for i in micro] for mini in plan]
+        assert sorted(len(m) for m in minis) == [11, 11, 11]
+        order = [i for m in minis for i in m]
+        assert sorted(order) == list(range(33))
+        for unit in units:
+            where = sorted(order.index(i) for i in unit)
+            assert where == list(range(where[0], where[0] + len(unit)))  # side by side
+            assert len({k for k, m in enumerate(minis) if set(unit) & set(m)}) <= 2
+    singletons = [[i] for i in range(33)]
+    assert plan_epoch(33, 3, 2, torch.Generator().manual_seed(1), singletons) == plan_epoch(33, 3, 2, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="each of the 33 rows once"):
+        plan_epoch(33, 3, 2, torch.Generator(), units[:-1])
+
+
 def test_shared_passes_keep_a_mini_batchs_rows_and_put_one_prompts_rows_together():
     """8 rows of one chunk prompt and 8 manager rows with their own prompts, in shuffled order:
     as many passes as micro-batch slots, the same rows, the chunk's rows in one pass (cheaper
