@@ -70,6 +70,10 @@ class Rows:
             units.setdefault(tuple(prompt), []).append(i)
         return list(units.values())
 
+    def drawn_together(self, mini_batch_by: str) -> list[list[int]] | None:
+        """plan_epoch's units under learner.mini_batch_by: a prompt's rows, or None (each row alone)."""
+        return self.by_prompt() if mini_batch_by == "prompt" else None
+
     def old_logprobs_tensor(self, width: int, proximal: bool = False) -> torch.Tensor:
         """Behaviour (or proximal) logprobs right-padded to the packed response width."""
         out = torch.zeros(len(self), width, dtype=torch.float32)

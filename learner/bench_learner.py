@@ -99,7 +99,7 @@ def _gradient_check(cfg: Config, model_dir: str, rows: pa.Table) -> tuple[float,
     model.train()
     shard = Rows.from_table(rows)
     n_mini = max(1, -(-len(shard) // cfg.learner.mini_batch))
-    together = shard.by_prompt() if cfg.learner.mini_batch_by == "prompt" else None
+    together = shard.drawn_together(cfg.learner.mini_batch_by)
     first = plan_epoch(len(shard), n_mini, 1, torch.Generator().manual_seed(0), together)[0][0]
     mini = shard.select(first)
     grads = []

@@ -100,7 +100,7 @@ class LearnerRank:
         rows = Rows.from_table(shard)
         sums = dict.fromkeys(POOLED + PER_SAMPLE + TOKENS + MISMATCH + ("grad_norm",), 0.0)
         generator = torch.Generator().manual_seed(seed * 1009 + self.rank)
-        together = rows.by_prompt() if self.cfg.mini_batch_by == "prompt" else None
+        together = rows.drawn_together(self.cfg.mini_batch_by)
         epochs = [plan_epoch(len(rows), n_mini, self.accum, generator, together) for _ in range(self.cfg.ppo_epochs)]
         if objective == "logo_grpo" and self.algo.off_policy in ("proximal", "decoupled"):
             rows.prox_logprobs = self._proximal(rows, epochs[0])

@@ -148,8 +148,8 @@ def test_rows_with_one_prompt_are_drawn_into_mini_batches_together():
     draw exactly the row-by-row order."""
     prompts = [[1, c] for c in range(3) for _ in range(8)] + [[2, 100 + i] for i in range(9)]
     rows = Rows(prompts, [[5]] * 33, [[0.0]] * 33, [0.0] * 33, [False] * 33, [("c", 1)] * 33)
-    units = rows.by_prompt()
-    assert sorted(len(u) for u in units) == [1] * 9 + [8] * 3
+    units = rows.drawn_together("prompt")
+    assert sorted(len(u) for u in units) == [1] * 9 + [8] * 3 and rows.drawn_together("row") is None
     for seed in range(5):
         plan = plan_epoch(33, 3, 2, torch.Generator().manual_seed(seed), units)
         minis = [[i for micro in mini for i in micro] for mini in plan]
