@@ -22,7 +22,7 @@ GAUGES = (
     "rollout_s", "update_s", "sync_s", "loss", "kl", "entropy", "clip_frac", "m_fail_mean", "policy_version",
     "answer_retries", "answer_failures", "learner_restarts", "ahead_wait_s", "sleep_s", "wake_s",
     "logp_mismatch", "logp_mismatch_kl", "staleness_mean", "stale_groups", "prefix_token_ratio",
-    "credit_corr_global", "credit_corr_local",
+    "trunk_token_ratio", "credit_corr_global", "credit_corr_local",
 )
 
 

@@ -10,8 +10,6 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import torch
 
 from common.config import LearnerConfig
 from common.hardware import cpu_has_fast_bf16
+from learner.trunk import drop_trunk
 
 # Files of a HF model folder that are the tokenizer's, copied beside saved weights.
 TOKENIZER_FILES = (
@@ -193,46 +192,6 @@ def build_reference(model_dir: str, cfg: LearnerConfig, world_size: int, device:
     engine, *_ = deepspeed.initialize(model=ref, config=config, dist_init_required=False)
     engine.eval()
     return engine  # called like the module; its forward runs ZeRO-3's gather-and-release per layer
-
-
-def drop_trunk(ref: torch.nn.Module, n: int) -> None:
-    """The reference's first n layers, and the embeddings under them, are the policy's frozen trunk
-    (freeze_lower_layers): the same weights fed the same tokens, so the same hidden states. The
-    reference keeps only the layers above and reads those hidden states from the policy's forward
-    (TrunkTap), which computed them anyway: at SmolLM2's 20 of 30 frozen layers its forward costs
-    a third, and it holds a third of the layers. The embeddings stay: a tied LM head reads them."""
-    if n > 0:
-        decoder = ref.get_decoder()
-        decoder.layers = decoder.layers[n:]
-
-
-class TrunkTap:
-    """The policy's hidden states entering layer n, the output of its frozen trunk, kept from a
-    forward run under `kept()`: the reference's input (drop_trunk). A forward pre-hook, so it works
-    under ZeRO-3; other forwards, and gradient checkpointing's recompute in the backward, keep nothing."""
-
-    def __init__(self, policy: torch.nn.Module, n: int) -> None:
-        self.hidden: torch.Tensor | None = None
-        self._armed = False
-        policy.get_decoder().layers[n].register_forward_pre_hook(self._keep)
-
-    @contextmanager
-    def kept(self) -> Iterator[None]:
-        self._armed = True
-        try:
-            yield
-        finally:
-            self._armed = False
-
-    def _keep(self, _module: torch.nn.Module, args: tuple) -> None:
-        if self._armed:
-            self.hidden = args[0].detach()
-
-    def take(self) -> torch.Tensor:
-        hidden, self.hidden = self.hidden, None  # freed with the micro-batch
-        if hidden is None:
-            raise RuntimeError("the reference needs the policy's forward first (TrunkTap)")
-        return hidden
 
 
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:

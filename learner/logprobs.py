@@ -58,7 +58,7 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
 
 
 def model_input(input_ids: torch.Tensor, trunk: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The tokens, or, for a reference without its trunk (learner.engine.TrunkTap), the policy's
+    """The tokens, or, for a reference without its trunk (learner.trunk.TrunkTap), the policy's
     hidden states where the trunk ends: they stand where the token embeddings would."""
     return {"input_ids": input_ids} if trunk is None else {"inputs_embeds": trunk}
 

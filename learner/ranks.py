@@ -27,13 +27,15 @@ from learner.logo_grpo import logo_grpo_loss, mismatch, pool_weights
 from learner.sft import sft_loss
 from learner.logprobs import Packed, pack, packed_logprobs, response_logprobs
 from learner.shared_prefix import SharedPacked, pack_shared, shared_logprobs
+from learner.trunk import TrunkCache, TrunkTap, trunk_passes, upper_layers
 
 # Metrics pooled per mini-batch (summed over micro-batches and ranks) and per-sample means.
 POOLED = ("loss", "pg_loss", "kl", "entropy")
 PER_SAMPLE = ("clip_frac", "dual_clip_frac", "cap_frac", "ratio_mean", "tis_weight_mean")
-# Summed over the epoch: tokens computed with and without shared prefixes; the engine/learner
-# logprob gap on the first mini-batch, before any optimizer step (|d logp|, k3 KL, tokens).
-TOKENS = ("computed_tokens", "unshared_tokens")
+# Summed over the epochs: tokens computed with and without shared prefixes, and by the frozen
+# trunk (once per step when cached); the engine/learner logprob gap on the first mini-batch,
+# before any optimizer step (|d logp|, k3 KL, tokens).
+TOKENS = ("computed_tokens", "unshared_tokens", "trunk_tokens")
 MISMATCH = ("mismatch_abs_sum", "mismatch_k3_sum", "mismatch_tokens")
 
 
@@ -80,11 +82,11 @@ class LearnerRank:
         self.accum = eng.grad_accumulation(self.cfg, self.world)
         self.shared_prefix = eng.resolve_shared_prefix(self.cfg)
         self.engine = eng.build_engine(model_dir, self.cfg, self.world, self.bf16)
-        self.ref = self.trunk = None
+        self.ref = self.trunk = self.cache = None
         if self.algo.kl_beta > 0:
             self.ref = eng.build_reference(model_dir, self.cfg, self.world, self.engine.device, self.bf16)
             if self.cfg.frozen_layers > 0:  # the reference reads the policy's frozen trunk
-                self.trunk = eng.TrunkTap(self.engine.module, self.cfg.frozen_layers)
+                self.trunk = TrunkTap(self.engine.module, self.cfg.frozen_layers)
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ training
@@ -102,11 +104,17 @@ class LearnerRank:
         generator = torch.Generator().manual_seed(seed * 1009 + self.rank)
         together = rows.drawn_together(self.cfg.mini_batch_by)
         epochs = [plan_epoch(len(rows), n_mini, self.accum, generator, together) for _ in range(self.cfg.ppo_epochs)]
-        if objective == "logo_grpo" and self.algo.off_policy in ("proximal", "decoupled"):
-            rows.prox_logprobs = self._proximal(rows, epochs[0])
-        for epoch, plan in enumerate(epochs):
-            for k, micro_idx in enumerate(plan):
-                self._mini_batch(rows, micro_idx, sums, objective == "logo_grpo" and epoch == k == 0)  # before any update
+        try:
+            if self.sharing and self.cfg.frozen_layers > 0:
+                self.cache = self._trunk_cache(rows)
+                sums["trunk_tokens"] += self.cache.computed_tokens
+            if objective == "logo_grpo" and self.algo.off_policy in ("proximal", "decoupled"):
+                rows.prox_logprobs = self._proximal(rows, epochs[0])
+            for epoch, plan in enumerate(epochs):
+                for k, micro_idx in enumerate(plan):
+                    self._mini_batch(rows, micro_idx, sums, objective == "logo_grpo" and epoch == k == 0)  # before any update
+        finally:
+            self.cache = None  # the next step's trunk output differs: its rows differ
         steps = self.cfg.ppo_epochs * n_mini
         keys = POOLED + PER_SAMPLE + TOKENS + MISMATCH
         totals = self._all_reduce([sums[k] for k in keys] + [float(len(rows)), float(sum(len(r) for r in rows.responses))])
@@ -117,6 +125,7 @@ class LearnerRank:
         scored = max(total["mismatch_tokens"], 1.0)
         metrics |= {
             "prefix_token_ratio": total["computed_tokens"] / max(total["unshared_tokens"], 1.0),
+            "trunk_token_ratio": total["trunk_tokens"] / max(total["unshared_tokens"], 1.0),
             "logp_mismatch": total["mismatch_abs_sum"] / scored,  # mean |engine - learner| per token
             "logp_mismatch_kl": total["mismatch_k3_sum"] / scored,  # k3 KL(engine || learner) per token
             "grad_norm": sums["grad_norm"] / steps,  # before clipping, averaged over steps
@@ -145,7 +154,7 @@ class LearnerRank:
             # The boundary is set by hand: under a token budget the number of passes varies.
             self.engine.set_gradient_accumulation_boundary(k == len(micro_idx) - 1)
             if idx:
-                self._micro_batch(rows.select(idx), (int(counts[0]), int(counts[1])), sums, before_update)
+                self._micro_batch(rows, idx, (int(counts[0]), int(counts[1])), sums, before_update)
             else:
                 self._dummy_backward()
             self.engine.step()  # DeepSpeed only updates at the accumulation boundary
@@ -168,30 +177,49 @@ class LearnerRank:
         with torch.no_grad():
             for micro_idx in plan:
                 for idx in filter(None, self._passes(rows, micro_idx)):
-                    lp, _, _ = self._forward(rows.select(idx), with_entropy=False)
+                    lp, _, _ = self._forward(rows, idx, with_entropy=False)
                     for b, i in enumerate(idx):
                         out[i] = lp[b, : len(rows.responses[i])].float().tolist()
         return out
 
-    def _forward(self, rows: Rows, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None, Packed | SharedPacked]:
-        """Response logprobs [B, R] (and entropy) under these weights, prompts shared or not."""
-        if self.sharing:
-            packed = pack_shared(rows.prompts, rows.responses).to(self.engine.device)
-            return (*shared_logprobs(self.engine, packed, with_entropy), packed)
-        packed = pack(rows.prompts, rows.responses).to(self.engine.device)
-        return (*packed_logprobs(self.engine, packed, with_entropy), packed)
+    def _trunk_cache(self, rows: Rows) -> TrunkCache:
+        """The step's trunk output and reference logprobs (learner.trunk), in as many passes on
+        every rank."""
+        passes = trunk_passes(rows)
+        if self.world > 1:  # ZeRO-3 gathers in every forward, the policy's or a sharded reference's
+            most = int(self._all_reduce([float(len(passes))], op="max")[0])
+            passes += [[] for _ in range(most - len(passes))]
+        return TrunkCache.build(self.engine.module, self.ref, self.cfg.frozen_layers, rows, passes, self.engine.device)
 
-    def _micro_batch(self, rows: Rows, counts: tuple[int, int], sums: dict[str, float], before_update: bool) -> None:
+    def _forward(self, rows: Rows, idx: list[int], with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None, Packed | SharedPacked]:
+        """Response logprobs [B, R] of rows `idx` (and entropy) under these weights, prompts shared
+        or not; with the step's trunk cache, from the layers above the trunk only."""
+        rows = rows.select(idx)
+        if not self.sharing:
+            packed = pack(rows.prompts, rows.responses).to(self.engine.device)
+            return (*packed_logprobs(self.engine, packed, with_entropy), packed)
+        packed = pack_shared(rows.prompts, rows.responses).to(self.engine.device)
+        if self.cache is None:
+            return (*shared_logprobs(self.engine, packed, with_entropy), packed)
+        with upper_layers(self.engine.module, self.cfg.frozen_layers):
+            return (*shared_logprobs(self.engine, packed, with_entropy, trunk=self.cache.inputs(idx, packed)), packed)
+
+    def _micro_batch(self, all_rows: Rows, idx: list[int], counts: tuple[int, int], sums: dict[str, float], before_update: bool) -> None:
         with self._tapped():
-            new, entropy, packed = self._forward(rows, with_entropy=True)
+            new, entropy, packed = self._forward(all_rows, idx, with_entropy=True)
+        rows = all_rows.select(idx)
         score, mask = (shared_logprobs if self.sharing else packed_logprobs), packed.response_mask
         tokens = sum(len(p) + len(r) for p, r in zip(rows.prompts, rows.responses))
         sums["computed_tokens"] += packed.computed_tokens if self.sharing else tokens
         sums["unshared_tokens"] += tokens
+        if self.cache is None:  # the trunk runs in this pass
+            sums["trunk_tokens"] += packed.computed_tokens if self.sharing else tokens
         if self.algo.entropy_eta == 0:
             entropy = entropy.detach()  # still logged; no bonus, so no backward through it
         ref = None
-        if self.ref is not None:
+        if self.cache is not None:
+            ref = self.cache.reference_logprobs(idx, mask.shape[1])
+        elif self.ref is not None:
             with torch.no_grad():
                 ref, _ = score(self.ref, packed, trunk=self._trunk())
         device = new.device
@@ -217,16 +245,21 @@ class LearnerRank:
     def _dummy_backward(self) -> None:
         """Zero gradient through the whole model, so an empty micro-batch still joins the reduction."""
         packed = pack([[0]], [[0]]).to(self.engine.device)
-        with self._tapped():
-            logprobs, _ = packed_logprobs(self.engine, packed)
-        if self.ref is not None and hasattr(self.ref, "zero_optimization_stage"):
-            with torch.no_grad():  # a sharded reference gathers in its forward: every rank joins
-                packed_logprobs(self.ref, packed, trunk=self._trunk())
+        if self.cache is not None:  # every rank's passes run the layers above the trunk only
+            with upper_layers(self.engine.module, self.cfg.frozen_layers):
+                logprobs, _ = packed_logprobs(self.engine, packed, trunk=self.cache.blank(2))
+        else:
+            with self._tapped():
+                logprobs, _ = packed_logprobs(self.engine, packed)
+            if self.ref is not None and hasattr(self.ref, "zero_optimization_stage"):
+                with torch.no_grad():  # a sharded reference gathers in its forward: every rank joins
+                    packed_logprobs(self.ref, packed, trunk=self._trunk())
         self.engine.backward(logprobs.sum() * 0.0, scale_wrt_gas=False)
 
     def _tapped(self) -> AbstractContextManager:
-        """A policy forward whose trunk output the reference reads next (engine.drop_trunk)."""
-        return nullcontext() if self.trunk is None else self.trunk.kept()
+        """A policy forward whose trunk output the reference reads next (learner.trunk), unless
+        the step's cache holds both."""
+        return nullcontext() if self.trunk is None or self.cache is not None else self.trunk.kept()
 
     def _trunk(self) -> torch.Tensor | None:
         return None if self.trunk is None else self.trunk.take()

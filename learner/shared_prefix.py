@@ -43,12 +43,18 @@ class SharedPacked:
     rows: torch.Tensor  # [T] the sample each belongs to
     cols: torch.Tensor  # [T] its index in the sample's response
     response_mask: torch.Tensor  # [B, R] float, 1 on real response tokens
+    # Each sample's prompt + response tokens, samples one after another, is the sample's "flat"
+    # layout (learner.trunk caches hidden states in it): where each flat token sits in the packed
+    # sequence (a prefix token for every member of its cluster), and a flat token each packed
+    # position holds (the cluster's first member for a prefix).
+    packed_at: torch.Tensor  # [sum of prompt + response lengths]
+    source: torch.Tensor  # [N]
     computed_tokens: int  # N: tokens the model computes (each prefix once)
     unshared_tokens: int  # tokens scoring every sample alone computes
 
     def to(self, device: torch.device | str) -> SharedPacked:
         moved = [getattr(self, f).to(device) for f in ("input_ids", "position_ids", "attention_mask", "predict_at",
-                                                      "targets", "rows", "cols", "response_mask")]
+                                                      "targets", "rows", "cols", "response_mask", "packed_at", "source")]
         return SharedPacked(*moved, self.computed_tokens, self.unshared_tokens)
 
 
@@ -98,9 +104,17 @@ def pack_shared(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[i
     targets: list[int] = []
     rows: list[int] = []
     cols: list[int] = []
+    starts = [0]  # where each sample begins in the flat layout
+    for p, r in zip(prompts, responses):
+        starts.append(starts[-1] + len(p) + len(r))
+    packed_at = [0] * starts[-1]
+    source: list[int] = []
     next_segment = 0
     for length, members in plan_prefixes(prompts, min_shared):
         prefix, next_segment = next_segment, next_segment + 1
+        for i in members:
+            packed_at[starts[i] : starts[i] + length] = range(len(ids), len(ids) + length)
+        source += range(starts[members[0]], starts[members[0]] + length)
         ids += list(prompts[members[0]][:length])
         pos += range(length)
         segment += [prefix] * length
@@ -109,6 +123,8 @@ def pack_shared(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[i
             seg, next_segment = next_segment, next_segment + 1
             tail = list(prompts[i][length:]) + list(responses[i])
             first = len(ids) + len(prompts[i]) - length - 1  # the last prompt token predicts response token 0
+            packed_at[starts[i] + length : starts[i + 1]] = range(len(ids), len(ids) + len(tail))
+            source += range(starts[i] + length, starts[i + 1])
             ids += tail
             pos += range(length, length + len(tail))
             segment += [seg] * len(tail)
@@ -129,7 +145,7 @@ def pack_shared(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[i
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
     return SharedPacked(
         as_long([ids]), as_long([pos]), (causal & visible)[None, None], as_long(predict_at), as_long(targets),
-        as_long(rows), as_long(cols), mask, n, sum(len(p) + len(r) for p, r in zip(prompts, responses)),
+        as_long(rows), as_long(cols), mask, as_long(packed_at), as_long(source), n, starts[-1],
     )
 
 

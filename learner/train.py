@@ -34,7 +34,7 @@ from learner.weight_sync import check_sync_mode, sync_weights
 
 # The update's numbers every step row carries (the learner's metrics name them).
 UPDATE_METRICS = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "lr", "policy_version", "prefix_token_ratio",
-                  "logp_mismatch", "logp_mismatch_kl", "staleness_mean", "policy_lag_max")
+                  "trunk_token_ratio", "logp_mismatch", "logp_mismatch_kl", "staleness_mean", "policy_lag_max")
 
 
 def train_step(fleet: RolloutFleet, learner: Learner, ahead: RolloutsAhead, plan: StepPlan, next_plan: StepPlan | None) -> dict:

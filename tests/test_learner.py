@@ -312,7 +312,7 @@ def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir, budget, frozen
     32 tokens their rows are cut by tokens instead of by count (15-19 tokens a row: two short
     rows share a pass, a longer one goes alone, so the ranks cut their shards into different
     numbers of passes and the shorter pads with dummies), and the one rank keeps everything. With
-    a frozen layer the references, sharded and whole, read the policy's trunk (engine.drop_trunk),
+    a frozen layer the references, sharded and whole, read the policy's trunk (learner.trunk.drop_trunk),
     dummy passes included."""
     algo = AlgoConfig(local_weight=0.3)
     cfg2 = config(num_ranks=2, zero_stage=2, mini_batch=12, micro_batch=1, ppo_epochs=1, reference="sharded",
@@ -338,11 +338,13 @@ def test_two_ranks_agree_and_match_one_rank(ray_local, model_dir, budget, frozen
         assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), k
 
 
-def test_shared_prefixes_give_the_same_update_and_count_the_tokens_they_save(ray_local, model_dir):
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_shared_prefixes_give_the_same_update_and_count_the_tokens_they_save(ray_local, model_dir, frozen):
     """Both sample kinds, ragged responses, 8 rows on one 40-token chunk prompt (a global group's
     lanes and a local group's branches): one update with learner.shared_prefix on and off lands
-    on the same weights (fp32), computing fewer tokens. The behaviour logprobs are the learner's
-    own, so the train/inference mismatch it logs is ~0."""
+    on the same weights (fp32), computing fewer tokens. With a frozen layer the shared update
+    reads the step's cached trunk and reference (learner.trunk.TrunkCache), computing its tokens
+    once. The behaviour logprobs are the learner's own, so the mismatch it logs is ~0."""
     g = torch.Generator().manual_seed(11)
     chunk = tokens(g, 40)
     samples = []
@@ -352,7 +354,7 @@ def test_shared_prefixes_give_the_same_update_and_count_the_tokens_they_save(ray
     results = {}
     for shared in ("off", "on"):
         with Learner(model_dir, AlgoConfig(), config(gradient_checkpointing="off", shared_prefix=shared, mini_batch=8,
-                                                     micro_batch=4, ppo_epochs=1)) as lrn:
+                                                     micro_batch=4, ppo_epochs=1, frozen_layers=frozen)) as lrn:
             lp, _ = lrn.logprobs([s[3] for s in samples], [s[4] for s in samples])
             tables = [samples_to_table([StepSample("extractor", p, r, lp[j, : len(r)].tolist(), "c", 1, gid, kind, i, float(i % 3))
                                         for j, (kind, gid, i, p, r) in enumerate(samples) if gid == group])
@@ -360,7 +362,9 @@ def test_shared_prefixes_give_the_same_update_and_count_the_tokens_they_save(ray
             metrics = lrn.train(tables)
             results[shared] = (metrics, summed_logprobs(lrn, tables))
     (off, off_after), (on, on_after) = results["off"], results["on"]
-    assert off["prefix_token_ratio"] == 1.0 and on["prefix_token_ratio"] < 0.6
+    assert off["prefix_token_ratio"] == off["trunk_token_ratio"] == 1.0 and on["prefix_token_ratio"] < 0.6
+    # Cached, the trunk packs the shard's 10 rows by prompt once; else it runs in the 2 passes.
+    assert (on["trunk_token_ratio"] < on["prefix_token_ratio"]) == (frozen > 0)
     for k in ("loss", "pg_loss", "kl", "entropy", "grad_norm"):
         assert on[k] == pytest.approx(off[k], rel=1e-4, abs=1e-6), k
     # Adam's first step is ~lr * sign(g): compare what the weights do, not their last bits.

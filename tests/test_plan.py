@@ -36,7 +36,7 @@ def test_model_states_split_adds_up_to_deepspeeds_estimate():
     assert parts["weights"] == 2 * shape.params and parts["optimizer"] == pytest.approx(12 * shape.params / 4)
     sharded = mem.reference_bytes(shape, "sharded", 4, True)
     assert sharded < mem.reference_bytes(shape, "replicated", 4, True) / 3
-    # A reference without the policy's frozen trunk (learner.engine.drop_trunk) holds 16 fewer layers.
+    # A reference without the policy's frozen trunk (learner.trunk.drop_trunk) holds 16 fewer layers.
     assert mem.reference_bytes(shape, "replicated", 4, True, frozen_layers=16) == 2 * (shape.params - 16 * shape.layer_params)
 
 

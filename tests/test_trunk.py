@@ -1,5 +1,6 @@
-"""The reference without its trunk (learner.engine.drop_trunk) scores as the whole reference does,
-from the policy's hidden states where their shared frozen trunk ends (TrunkTap), in fp32."""
+"""The reference without its trunk (learner.trunk.drop_trunk) scores as the whole reference does,
+from the policy's hidden states where their shared frozen trunk ends (TrunkTap), in fp32; and a
+step's cached trunk (TrunkCache) gives the policy's and the reference's logprobs and gradients."""
 
 import copy
 import random
@@ -8,7 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from learner.engine import TrunkTap, drop_trunk, freeze_lower_layers
+from learner.engine import freeze_lower_layers
+from learner.batching import Rows
+from learner.trunk import TrunkCache, TrunkTap, drop_trunk, trunk_passes, upper_layers
 from learner.logprobs import pack, packed_logprobs
 from learner.shared_prefix import pack_shared, shared_logprobs
 
@@ -71,3 +74,45 @@ def test_the_cut_reference_holds_only_the_layers_above_the_trunk(models):
     assert cut.lm_head.weight is cut.get_input_embeddings().weight  # the tied head keeps its embeddings
     per_layer = sum(p.numel() for p in reference.get_decoder().layers[0].parameters())
     assert sum(p.numel() for p in cut.parameters()) == sum(p.numel() for p in reference.parameters()) - FROZEN * per_layer
+
+
+@pytest.mark.parametrize("budget", [10**6, 90])
+def test_a_steps_cached_trunk_gives_the_uncached_logprobs_gradients_and_reference(models, budget):
+    """TrunkCache: the trunk computed once for the shard, in passes (one, or 90 tokens each, which
+    cuts a prompt's rows apart), then a micro-batch of rows from different passes run through the
+    upper layers only: logprobs, entropies, gradients and the reference's logprobs are the
+    uncached ones, in fp32."""
+    policy, reference, cut = models
+    prompts, responses = rows(seed=3)
+    shard = Rows(prompts, responses, [[0.0] * len(r) for r in responses], [0.0] * len(prompts),
+                 [False] * len(prompts), [("c", 1)] * len(prompts))
+    passes = trunk_passes(shard, budget)
+    assert sorted(i for p in passes for i in p) == list(range(len(prompts)))
+    assert (len(passes) == 1) == (budget > 1000)
+    cache = TrunkCache.build(policy, cut, FROZEN, shard, passes + [[]], torch.device("cpu"))  # [] : a dummy pass
+    assert cache.computed_tokens < sum(len(p) + len(r) for p, r in zip(prompts, responses))
+
+    idx = [7, 0, 3, 5, 1]  # global-group lanes of one prompt and rows of another, in no order
+    packed = pack_shared([prompts[i] for i in idx], [responses[i] for i in idx])
+    results = []
+    for cached in (False, True):
+        policy.zero_grad()
+        if cached:
+            with upper_layers(policy, FROZEN):
+                new, entropy = shared_logprobs(policy, packed, with_entropy=True, trunk=cache.inputs(idx, packed))
+            ref = cache.reference_logprobs(idx, packed.response_mask.shape[1])
+        else:
+            new, entropy = shared_logprobs(policy, packed, with_entropy=True)
+            with torch.no_grad():
+                ref, _ = shared_logprobs(reference, packed)
+        (new.sum() + entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+        results.append((new.detach(), entropy.detach(), ref, grads))
+    assert len(policy.get_decoder().layers) == 4  # upper_layers put the trunk back
+    (new0, ent0, ref0, g0), (new1, ent1, ref1, g1) = results
+    torch.testing.assert_close(new1, new0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent1, ent0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ref1, ref0, rtol=0, atol=1e-5)
+    assert set(g0) == set(g1) and all(g0[n].abs().max() > 0 for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-5)

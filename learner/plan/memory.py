@@ -101,7 +101,7 @@ def model_states(shape: ModelShape, stage: int, ranks: int, frozen_layers: int, 
 
 def reference_bytes(shape: ModelShape, placement: str, ranks: int, bf16: bool, frozen_layers: int = 0) -> float:
     """The frozen reference policy on one rank (learner.engine.build_reference), without the
-    layers of the policy's frozen trunk (learner.engine.drop_trunk)."""
+    layers of the policy's frozen trunk (learner.trunk.drop_trunk)."""
     b = 2 if bf16 else 4
     params = shape.params - max(0, frozen_layers) * shape.layer_params
     if placement == "replicated" or ranks == 1:
