@@ -385,37 +385,4 @@ class LearnerRank:
             eng.save_hf(self.engine, state, directory, self.model_dir)
 
     def load_pretrained(self, directory: str) -> None:
-        """A model folder's weights, copied in place into the engine's parameters, and fresh Adam
-        moments. Under ZeRO-1/2 (and bf16 at stage 0) the optimizer steps fp32 master copies of
-        the parameters, flat partitions of its own, and writes them back over the parameters at
-        the next step: they are refreshed from the loaded weights. Under ZeRO-3 each parameter is
-        a shard: they are gathered for the write, and rank 0's copy is partitioned back."""
-        import contextlib
-        from pathlib import Path
-
-        import deepspeed
-        from safetensors import safe_open
-
-        module, optimizer = self.engine.module, self.engine.optimizer
-        targets = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers())
-        files = sorted(Path(directory).glob("*.safetensors"))
-        names = set()
-        for f in files:
-            with safe_open(f, "pt") as weights:
-                names |= set(weights.keys())
-        loaded = {id(targets[n]) for n in names & targets.keys()}  # tied weights: either name will do
-        absent = [n for n, p in module.named_parameters() if id(p) not in loaded]
-        if names - targets.keys() or absent:
-            raise ValueError(f"{directory} does not hold this model's weights: unknown "
-                             f"{sorted(names - targets.keys())[:3]}, absent {absent[:3]}")
-        gather = contextlib.nullcontext()
-        if self.engine.zero_optimization_stage() == 3:
-            gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
-        with torch.no_grad(), gather:
-            for f in files:  # file by file: one shard of a 7B folder in memory, not all of them
-                with safe_open(f, "pt") as weights:
-                    for name in weights.keys():
-                        targets[name].copy_(weights.get_tensor(name))
-        if hasattr(optimizer, "refresh_fp32_params"):  # none at stage 0 in fp32: no master copy
-            optimizer.refresh_fp32_params()
-        getattr(optimizer, "optimizer", optimizer).state.clear()  # Adam re-initialises lazily
+        eng.load_pretrained(self.engine, directory)
