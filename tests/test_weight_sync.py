@@ -61,12 +61,14 @@ def test_after_a_sync_every_engine_holds_the_learners_weights_exactly(ray_local,
         # at the next step, and the replacement pulls the current policy before its first task.
         assert [i["policy_version"] for i in ray.get([s.handle.info.remote() for s in fleet.live()])] == [learner.version] * 2
         assert ray.get(fleet.policy_store.copies_made.remote()) == 0  # a collective sync copies nothing
+        conversations = split(load_dataset(cfg.data), cfg.data)["train"]
+        fleet.run(plan_step(cfg, conversations, 1, step=0))  # every task asks the store first
+        assert ray.get(fleet.policy_store.copies_made.remote()) == 0  # nor do workers that hold the version
         version, _ = ray.get(learner.weight_sources()[0].versioned_state_dict.remote())
         assert version == learner.version  # a copy says which policy it is
         victim = fleet.live()[0].info["pid"]
         os.kill(victim, signal.SIGKILL)
-        conversations = split(load_dataset(cfg.data), cfg.data)["train"]
-        batch = fleet.run(plan_step(cfg, conversations, 1, step=0))  # the step completes on the survivor
+        batch = fleet.run(plan_step(cfg, conversations, 1, step=1))  # the step completes on the survivor
         assert fleet.take_faults()["worker_failures"] == 1
         fleet.await_target()
         assert len(fleet.live()) == 2 and victim not in {s.info["pid"] for s in fleet.live()}
@@ -74,7 +76,7 @@ def test_after_a_sync_every_engine_holds_the_learners_weights_exactly(ray_local,
         assert fingerprints() == [after[0]] * 2
         assert ray.get(fleet.policy_store.copies_made.remote()) == 1  # made when the replacement asked
         assert batch.policy_versions == {learner.version}  # every group, kept or degenerate
-        batch = fleet.run(plan_step(cfg, conversations, 1, step=1))
+        batch = fleet.run(plan_step(cfg, conversations, 1, step=2))
         assert batch.policy_versions == {learner.version}
         assert all(set(g.table["policy_version"].to_pylist()) == {learner.version} for g in batch.groups)
     finally:

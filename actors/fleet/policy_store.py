@@ -36,7 +36,11 @@ class PolicyStore:
     def copies_made(self) -> int:
         return self.copies
 
-    def latest(self) -> tuple[int, list | None]:
+    def latest(self, have: int = -1) -> tuple[int, list | None]:
+        """The latest version, and its weights for a caller that holds an older one (`have`): a
+        worker already at this version asks before every task, and must not cost a copy."""
+        if have >= self.version:
+            return self.version, None
         if self._weights is None and self._sources:
             self._weights = [r.versioned_state_dict.remote() for r in self._sources][0]
             self.copies += 1

@@ -120,7 +120,7 @@ class RolloutWorker:
 
     def pull_latest_policy(self) -> int:
         """Catch up with the published policy (a worker that started late or replaced a dead one)."""
-        version, wrapped = ray.get(self.policy_store.latest.remote())
+        version, wrapped = ray.get(self.policy_store.latest.remote(self.engine.policy_version))
         if wrapped is not None and version > self.engine.policy_version:
             self.load_weights(wrapped, version, only_if_newer=True)
         self.series.set("worker_policy_version", self.engine.policy_version)
