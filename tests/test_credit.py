@@ -165,7 +165,7 @@ def test_a_training_step_row_carries_credit_only_where_defined():
 
 
 class _Batch:
-    groups, wall_s = [], 1.0
+    groups, wall_s, validation = [], 1.0, []
 
     def summary(self):
         return {"reward_mean": 0.5}

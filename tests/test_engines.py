@@ -4,9 +4,11 @@ logprobs and greedy outputs recomputed by the plain transformers model."""
 import subprocess
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor.runtime.cache_dir_utils import cache_dir
 from transformers import AutoModelForCausalLM
 
 from actors.engines.base import SamplingSpec
@@ -247,6 +249,10 @@ def test_smollm2_answers_in_both_engines(ray_local, smollm2):
     prompt = hf.chat_prompt("You are a helpful assistant.", "What is the capital of France?")
     (hf_gen,) = hf.generate([prompt], greedy)
     assert "Paris" in hf_gen.text and hf_gen.finish_reason == "stop"
+    # `make setup` built the kernel vLLM's sampler compiles for SmolLM2 at one thread
+    # (vllm_engine.build_kernels), so this engine, on one core as a rollout worker, compiles none.
+    kernels = Path(cache_dir())
+    built = set(kernels.rglob("*.so"))
     actor = _engine_actor(ray_local, smollm2, "float32")
     try:
         (gen,), _ = ray_local.get(actor.generate.remote([prompt], greedy))
@@ -254,3 +260,4 @@ def test_smollm2_answers_in_both_engines(ray_local, smollm2):
         assert gen.token_ids[-1] in hf.stop_ids
     finally:
         ray_local.kill(actor)
+    assert set(kernels.rglob("*.so")) == built, "the engine compiled a kernel that make setup should have built"

@@ -6,7 +6,9 @@ import pytest
 from actors.fleet.errors import one_line
 from actors.fleet.slots import Round, Slot, Work, lane_capacity, max_tasks, pick_slot
 from actors.fleet.scaling import ScalingPolicy, autoscale_bounds
-from actors.fleet.tasks import plan_step, plan_validation
+from actors.agent.groups import EvalResult, LaneStats
+from actors.fleet.batch import RolloutBatch
+from actors.fleet.tasks import StepPlan, plan_step, plan_validation, with_validation
 from common.config import ConfigError, load_config
 from common.data import load_dataset, split
 
@@ -90,6 +92,24 @@ def test_task_ids_are_stable_and_anchors_are_drawn_before_any_rollout():
     evals = plan_validation(convs, 2, round_=1)
     assert [e.task_id for e in evals] == [f"eval1/{c.sample_id}" for c in convs]
     assert [e.seed_key for e in evals] == [e.seed_key for e in plan_validation(convs, 2, round_=7)]  # same requests every round
+
+
+def test_a_validation_rides_in_a_steps_round_and_returns_apart_from_its_groups():
+    cfg = load_config(None, ["data.synth.conversations=4", "data.synth.val_conversations=2", "algo.local_prob=1", "rollout.n_global=4"])
+    data = split(load_dataset(cfg.data), cfg.data)
+    step = plan_step(cfg, data["train"], 2, step=0)
+    plan = with_validation(step, data["val"], 3)
+    # Dealt in one round after the step's own tasks, the step's tasks unchanged.
+    assert plan.tasks == step.tasks + plan.validation and (plan.global_tasks, plan.local_tasks) == (step.global_tasks, step.local_tasks)
+    assert [e.task_id for e in plan.validation] == [f"step0/eval/{c.sample_id}" for c in data["val"]]
+    # The requests of any validation round, at the horizon asked for, not the step's.
+    assert [e.seed_key for e in plan.validation] == [e.seed_key for e in plan_validation(data["val"], 3, round_=5)]
+    assert {e.horizon for e in plan.validation} == {3}
+    # Results arrive in any order; the batch keeps them in plan order, out of its rollout numbers.
+    alone = with_validation(StepPlan(0, (), ()), data["val"], 3)
+    results = {t.task_id: EvalResult(score=i, stats=LaneStats(generated_tokens=50)) for i, t in reversed(list(enumerate(alone.validation)))}
+    batch = RolloutBatch.assemble(alone, results)
+    assert [r.score for r in batch.validation] == [0, 1] and batch.episodes == batch.stats.generated_tokens == 0
 
 
 def test_fleet_bounds_default_to_a_fixed_size_and_bad_bounds_are_one_line():

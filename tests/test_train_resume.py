@@ -56,6 +56,9 @@ def test_stopped_and_killed_runs_resume_to_the_identical_next_steps(tmp_path, wa
     summary = json.loads(finish(memr2("train", "--resume", "auto", *base, "metrics.run_name=stopped")).strip().splitlines()[-1])
     stopped = step_rows(tmp_path / "stopped")
     assert sorted(stopped) == [1, 2, 3, 4] and summary["steps"] == 4 and saved(tmp_path / "stopped")[:2] == (4, ["step4"])
+    # The start's validation rode in step 1's round: its row (step 0) is written first all the same.
+    rows = [json.loads(x) for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows[:2]] == [0, 1] and "val_f1" in rows[0] and "reward_mean" in rows[1]
     # Validation pools every question, with bootstrap intervals for each end and the paired gain.
     assert summary["val_questions"] >= 1 and len(summary["val_f1_gain_ci"]) == 2
     assert summary["val_f1_start_ci"][0] <= summary["val_f1_start"] <= summary["val_f1_start_ci"][1]

@@ -30,6 +30,29 @@ def _prepare_env(on_gpu: bool) -> None:
 PREFILL_TOKENS_CPU = 8192  # prompt tokens one CPU step may prefill (vLLM's default is 4096)
 
 
+def build_kernels(model: str = "smollm2", threads: int = 1) -> None:
+    """Compile, once at `make setup`, the kernel vLLM's sampler builds with torch.compile the first
+    time an engine returns logprobs (the sampled token's rank): on CPU an inductor C++ build, 10-20
+    s of one core during a fresh checkout's first validation, while every engine waits on its
+    lock. It lands in inductor's cache (per user, under the temp folder), keyed by this venv's
+    include paths, the vocabulary and the thread count, so it is built for `model` with the
+    embedded default's one thread per rollout worker; other models compile at their first run."""
+    import json
+
+    from actors.engines.models import resolve_model
+
+    _prepare_env(on_gpu=False)
+    from vllm.v1.sample.ops.logprobs import batched_count_greater_than
+
+    vocab = json.loads((resolve_model(model) / "config.json").read_text())["vocab_size"]
+    torch.set_num_threads(threads)
+    logprobs = torch.zeros(2, vocab)  # what the sampler passes: fp32 logprobs, its sampled token's column
+    sampled = logprobs.gather(-1, torch.zeros(2, 1, dtype=torch.long))
+    torch._dynamo.decorators.mark_unbacked(logprobs, 0)  # as the sampler marks them: any batch size
+    torch._dynamo.decorators.mark_unbacked(sampled, 0)
+    batched_count_greater_than(logprobs, sampled)
+
+
 class VLLMEngine(ChatEngineBase):
     name = "vllm"
 

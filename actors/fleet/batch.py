@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from actors.agent.groups import GlobalResult, Group, LaneStats, LocalResult
+from actors.agent.groups import EvalResult, GlobalResult, Group, LaneStats, LocalResult
 from actors.fleet.tasks import StepPlan
 
 
@@ -30,10 +30,11 @@ class RolloutBatch:
     wall_s: float = 0.0
     policy_versions: set[int] = field(default_factory=set)  # of every group, kept or not
     rewards: list[float] = field(default_factory=list)  # of every rollout and branch, kept or not
+    validation: list[EvalResult] = field(default_factory=list)  # the plan's, in its order
 
     @classmethod
-    def assemble(cls, plan: StepPlan, results: Mapping[str, GlobalResult | LocalResult]) -> RolloutBatch:
-        batch = cls()
+    def assemble(cls, plan: StepPlan, results: Mapping[str, GlobalResult | LocalResult | EvalResult]) -> RolloutBatch:
+        batch = cls(validation=[results[t.task_id] for t in plan.validation])
         for task in plan.global_tasks:
             result = results[task.task_id]
             batch.episodes += task.n

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from actors.agent.episode import request_seed
 from common.config import Config
@@ -86,10 +86,12 @@ class StepPlan:
     step: int
     global_tasks: tuple[GlobalTask, ...]
     local_tasks: tuple[LocalTask, ...]
+    # A validation on the weights these rollouts use, dealt in the same round (with_validation).
+    validation: tuple[EvalTask, ...] = ()
 
     @property
     def tasks(self) -> tuple[Task, ...]:
-        return self.global_tasks + self.local_tasks
+        return self.global_tasks + self.local_tasks + self.validation
 
     @property
     def prefix(self) -> str:
@@ -118,3 +120,11 @@ def plan_step(cfg: Config, conversations: Sequence[Conversation], horizon: int, 
 
 def plan_validation(conversations: Sequence[Conversation], horizon: int, round_: int) -> list[EvalTask]:
     return [EvalTask(f"eval{round_}/{c.sample_id}", c, horizon) for c in conversations]
+
+
+def with_validation(plan: StepPlan, conversations: Sequence[Conversation], horizon: int) -> StepPlan:
+    """`plan` with a validation of the policy its rollouts use, in their round: the engines batch
+    both at once instead of running each half-full (what a validation round alone does: one lane
+    per conversation). Its requests are those of any other round (EvalTask.seed_key)."""
+    tasks = tuple(EvalTask(f"{plan.prefix}eval/{c.sample_id}", c, horizon) for c in conversations)
+    return replace(plan, validation=tasks)
