@@ -3,6 +3,7 @@
     global task  step{s}/global/{conv}                   n lanes over the horizon -> global groups
     local task   step{s}/local/{conv}/s{t}/anchor{i0}    m branches of session t from M_{t-1}
     eval task    eval{r}/{conv}                          one rollout at the eval temperature
+                 step{s}/eval/{conv}                     the same, dealt in step s's round (with_validation)
 
 A task's lanes (n, m, 1) are the sequences it keeps in flight on an engine: what a worker's
 capacity and the fleet's size are counted in (actors.fleet.slots.lane_capacity).
