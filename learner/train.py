@@ -5,9 +5,11 @@ validation, the curriculum, checkpoints that resume to the identical next step, 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -117,11 +119,7 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     model, warm = warm_model(cfg, out.path)  # a name or a run-dir folder: each rank resolves it on its node
     stages = cfg.curriculum.stages
     val_horizon = stages[-1].horizon  # every validation on the final task, so all are comparable
-    colocation = colocate(cfg)
-    learner = Learner(str(model), cfg.algo, cfg.learner, cfg.seed, colocation)
-    learner.offload = resolve_offload_states(cfg, gpu_memory_gb) == "on"  # what `memr2 plan` resolves
-    learner.offload_states()  # colocated: the engines start awake beside it
-    fleet = RolloutFleet(cfg, run=out.name, other_bundles=job_asks(cfg).get("learner rank", []), colocation=colocation)
+    learner, fleet = start_roles(cfg, model, out.name, offload=resolve_offload_states(cfg, gpu_memory_gb) == "on")
     ahead = RolloutsAhead(fleet, cfg.train.max_staleness)
     state = TrainState()
     if out.resumed:
@@ -174,9 +172,42 @@ def run(cfg: Config, resume: Resume = "never", gpu_memory_gb: float | None = Non
     ahead.shutdown()
     fleet.shutdown()
     learner.shutdown()
-    if colocation:
-        colocation.remove()
+    if learner.colocation:
+        learner.colocation.remove()
     return summary
+
+
+def start_roles(cfg: Config, model: str | Path, run_name: str, offload: bool) -> tuple[Learner, RolloutFleet]:
+    """The learner's ranks and the fleet's engines, started side by side: a rank's set-up is a
+    core for ~15 s, the engines' start their cores for ~40 s (SmolLM2 on this CPU), and neither
+    needs the other until the first sync. Colocated, the ranks come first and park their states
+    (learner.offload, what `memr2 plan` resolves), so the engines start awake beside them."""
+    colocation = colocate(cfg)
+
+    def learner() -> Learner:
+        started = Learner(str(model), cfg.algo, cfg.learner, cfg.seed, colocation)
+        started.offload = offload
+        started.offload_states()
+        return started
+
+    def fleet() -> RolloutFleet:
+        return RolloutFleet(cfg, run=run_name, other_bundles=job_asks(cfg).get("learner rank", []), colocation=colocation)
+
+    if colocation:
+        return learner(), fleet()
+    with ThreadPoolExecutor(1, thread_name_prefix="fleet-start") as pool:
+        starting = pool.submit(fleet)
+        try:
+            ranks = learner()
+        except BaseException:
+            with contextlib.suppress(Exception):  # its own error, if any, is not the one to report
+                starting.result().shutdown()
+            raise
+        try:
+            return ranks, starting.result()
+        except BaseException:
+            ranks.shutdown()
+            raise
 
 
 def load_data(cfg: Config) -> dict[str, list[Conversation]]:

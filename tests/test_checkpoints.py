@@ -27,8 +27,8 @@ def due_steps(*overrides: str) -> list[int]:
 
 def test_checkpoints_every_n_steps_at_stage_ends_and_where_max_steps_stops():
     stages = "curriculum.stages=[{horizon: 2, epochs: 4}, {horizon: 2, epochs: 3}]"
-    assert due_steps(stages) == [1, 2, 3, 4, 5, 6, 7]  # the default: every step
-    assert due_steps(stages, "train.checkpoint_every=3") == [3, 4, 6, 7]
+    assert due_steps(stages) == [3, 4, 6, 7]  # the default: every third step
+    assert due_steps(stages, "train.checkpoint_every=1") == [1, 2, 3, 4, 5, 6, 7]
     assert due_steps(stages, "train.checkpoint_every=3", "train.max_steps=5") == [3, 4, 5]
 
 

@@ -290,7 +290,9 @@ class TrainConfig(Section):
     # Steps between full DeepSpeed checkpoints (bit16 weights, fp32 master, Adam moments: ~14 B
     # per parameter, 107 GB at 7.6B). One is also written at every stage's end and where max_steps
     # stops the run; a killed run resumes from the last one and repeats the steps after it, exactly.
-    checkpoint_every: int = Field(1, ge=1)
+    # 3: the embedded default's ~1 GB costs 5-10 s before the next step's rollouts can start, and a
+    # lost learner rank replays at most two updates (Learner.recover) instead of one.
+    checkpoint_every: int = Field(3, ge=1)
     # 1: the fleet runs step s+1's rollouts while the learner updates on step s's (one update
     # behind; actors.fleet.ahead); 0: rollouts and updates alternate. Rows further behind than
     # this are never trained on (Learner.prepare).
