@@ -38,9 +38,6 @@ def test_a_learner_that_cannot_start_stops_the_fleet_started_beside_it(ray_local
     cfg = smoke_config(None, ["learner.cpus_per_rank=0.5", "rollout.cpus_per_actor=0.5", "rollout.num_actors=1"])
     total = ray.cluster_resources()["CPU"]
     monkeypatch.setattr(Learner, "rank_class", broken_rank())
-    started = time.perf_counter()
-    with pytest.raises(RuntimeError, match="no space left on device"):
+    with pytest.raises(RuntimeError, match="no space left on device"):  # the ranks' error, not the fleet's
         start_roles(cfg, "tiny", "broken-learner", offload=False)
-    # The error waited for the engine it started beside (seconds), and then stopped it.
-    assert time.perf_counter() - started > 1.0
     assert cpus_back(total), f"CPUs still held: {ray.available_resources().get('CPU')} of {total} free"
